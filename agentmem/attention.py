@@ -1,0 +1,130 @@
+"""The beta-aware attention function, registered with transformers as ``attn_implementation="agentmem"``.
+
+Decode-time attention over a compacted cache is ``softmax(s * q K^T + beta) V``: beta is an additive
+per-key bias. The function reads beta, per-head lengths, positions and sliding windows from the
+:class:`~agentmem.cache.CompactedCache` passed as the ``agentmem_cache`` forward kwarg, and builds
+the mask itself (transformers' mask is ignored). When a layer holds no bias and no slot can fall
+out of a sliding window, no float mask is built at all. Without ``agentmem_cache`` (plain use of
+the model, e.g. ``model.generate``) it is exactly transformers' SDPA attention.
+
+GQA: instead of repeating K/V, the ``rep`` query heads of a KV head are stacked along the query
+axis: (1, H_q, n, d) -> (1, H_kv, rep*n, d), so a per-KV-head bias broadcasts without copies.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from transformers import AttentionInterface
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+from .errors import UnsupportedModelError
+
+NAME = "agentmem"
+
+
+def _layer_bias(layer, cache, n: int, length: int) -> torch.Tensor | None:
+    """Additive mask for n new queries over ``length`` slots.
+
+    Returns None (plain causal decode), a bool (1, 1, n, L) causal mask shared by all heads, or a
+    float (1, H, n, L) bias holding beta, with -inf for padding, future slots and slots outside a
+    sliding window.
+    """
+    window = layer.sliding_window
+    q_last = cache.step_first_pos + n - 1
+    out_of_window = window is not None and layer.min_pos is not None and q_last - layer.min_pos >= window
+    if not layer.has_bias and not out_of_window:
+        if n == 1:
+            return None
+        j = torch.arange(length, device=layer.device)
+        i = torch.arange(n, device=layer.device)
+        return (j[None, :] <= (length - n) + i[:, None])[None, None]
+    heads = layer.num_heads
+    beta = layer.beta[:, :length]  # (H, L) fp32, -inf on padding
+    if n == 1 and not out_of_window:
+        return beta[None, :, None, :]
+    bias = beta[:, None, :].expand(heads, n, length).clone()  # (H, n, L)
+    j = torch.arange(length, device=layer.device)
+    i = torch.arange(n, device=layer.device)
+    before = torch.tensor(layer.step_lengths_before, device=layer.device)
+    future = j[None, None, :] > before[:, None, None] + i[None, :, None]  # (H, n, L)
+    hidden = future
+    if out_of_window:
+        qpos = cache.step_first_pos + i  # (n,)
+        far = (qpos[None, :, None] - layer.pos[:, None, :length].to(torch.long)) >= window
+        hidden = hidden | far
+    bias.masked_fill_(hidden, float("-inf"))
+    return bias[None]
+
+
+def agentmem_attention_forward(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float | None = None,
+    dropout: float = 0.0,
+    **kwargs,
+) -> tuple[torch.Tensor, None]:
+    """query (1, H_q, n, d); key/value (1, H_kv, L, d) as returned by the cache -> (1, n, H_q, d_v)."""
+    cache = kwargs.pop("agentmem_cache", None)
+    softcap = kwargs.get("softcap")
+    if cache is None:
+        if softcap is not None:
+            from transformers.models.gemma2.modeling_gemma2 import eager_attention_forward
+
+            return eager_attention_forward(
+                module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs
+            )
+        return sdpa_attention_forward(
+            module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
+        )
+    if not getattr(module, "is_causal", True):
+        raise UnsupportedModelError("bidirectional attention layers are not supported by agentmem")
+    layer = cache.layers[module.layer_idx]
+    if cache.query_observer is not None:
+        cache.query_observer(module.layer_idx, query)
+    _, hq, n, d = query.shape
+    hkv, length = key.shape[1], key.shape[2]
+    rep = hq // hkv
+    scale = scaling if scaling is not None else d**-0.5
+    bias = _layer_bias(layer, cache, n, length)
+
+    if softcap is None and bias is None:  # plain decode step: same call as transformers' SDPA path
+        out = F.scaled_dot_product_attention(query, key, value, scale=scale, enable_gqa=rep > 1)
+        return out.transpose(1, 2).contiguous(), None
+    if softcap is None and bias is not None and bias.dtype == torch.bool and length == n:
+        out = F.scaled_dot_product_attention(query, key, value, scale=scale, is_causal=True, enable_gqa=rep > 1)
+        return out.transpose(1, 2).contiguous(), None
+
+    # stack the rep query heads of each KV head along the query axis
+    q = query.reshape(1, hkv, rep * n, d)  # hq = h * rep + r, so this groups (r, i) under h
+    if bias is not None:
+        if bias.dtype != torch.bool:
+            bias = bias.to(query.dtype)
+        if n > 1 and rep > 1:
+            bias = bias[:, :, None].expand(1, bias.shape[1], rep, n, length).reshape(1, bias.shape[1], rep * n, length)
+    if softcap is None:
+        out = F.scaled_dot_product_attention(q, key, value, attn_mask=bias, scale=scale)
+    else:
+        scores = torch.matmul(q, key.transpose(2, 3)).float() * scale
+        scores = torch.tanh(scores / softcap) * softcap
+        if bias is not None:
+            scores = scores.masked_fill(~bias, float("-inf")) if bias.dtype == torch.bool else scores + bias.float()
+        out = torch.matmul(torch.softmax(scores, dim=-1).to(value.dtype), value)
+    out = out.reshape(1, hq, n, value.shape[-1])
+    return out.transpose(1, 2).contiguous(), None
+
+
+AttentionInterface.register(NAME, agentmem_attention_forward)
+AttentionMaskInterface.register(NAME, sdpa_mask)
+
+
+def enable(model: torch.nn.Module) -> None:
+    """Switch a loaded transformers model to agentmem attention (works with any cache as before)."""
+    if model.config._attn_implementation != NAME:
+        model.set_attn_implementation(NAME)
+    if model.config._attn_implementation != NAME:
+        raise UnsupportedModelError(f"{type(model).__name__} does not accept a custom attention implementation")

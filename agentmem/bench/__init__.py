@@ -1,0 +1,1 @@
+"""Benchmarks (``agentmem bench ...``); results are written to docs/benchmarks/."""

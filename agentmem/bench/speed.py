@@ -1,0 +1,131 @@
+"""Decode and prefill speed of AgentSession vs ``model.generate`` with transformers' own cache.
+
+Both run the same model object, prompt and greedy decoding, at equal physical length (the session
+is unbounded, so nothing is compacted), interleaved and repeated; the figures are medians and the
+headline is the ratio agentmem / transformers measured in the same run. A third column runs the
+session under a budget that holds about the prompt, so it compacts while decoding.
+
+    agentmem bench speed [--lengths 256 1024 2048] [--new-tokens 64] [--repeats 3] [--out docs/benchmarks]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+from ..models import load_model
+from ..session import AgentSession
+from .common import environment, median, stdlib_text, timed, write_report
+
+
+def _hf_generate(model, ids: torch.Tensor, n: int) -> None:
+    model.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0)
+
+
+def _session_generate(loaded, ids: list[int], n: int, max_kv_mb: float | None) -> tuple[float, float, int]:
+    """(prefill seconds, decode seconds for n-1 steps, compactions)."""
+    s = AgentSession(model=loaded, max_kv_mb=max_kv_mb)
+    s._started = True
+    r = s._collect(s._stream_ids(ids, n, 0.0, 1.0, None, ignore_eos=True))
+    return r.stats.prefill_seconds, r.stats.decode_seconds, len(r.stats.compactions)
+
+
+def run(lengths: list[int], new_tokens: int, repeats: int, model: str, device: str | None) -> dict:
+    loaded = load_model(model, device=device)
+    dev = str(loaded.device)
+    text, source = stdlib_text("argparse")
+    all_ids = loaded.tokenizer(text)["input_ids"]
+    rows = []
+    for length in lengths:
+        ids = all_ids[:length]
+        t_ids = torch.tensor([ids], device=loaded.device)
+        budget_mb = AgentSession(model=loaded, max_kv_mb=None).cache.bytes_for_tokens(length) / 2**20
+        hf_pre, hf_dec, am_pre, am_dec, bud_dec, compactions = [], [], [], [], [], 0
+        _hf_generate(loaded.model, t_ids[:, :32], 2)  # warm-up
+        for _ in range(repeats):
+            t1 = timed(lambda x=t_ids: _hf_generate(loaded.model, x, 1), dev)
+            tn = timed(lambda x=t_ids: _hf_generate(loaded.model, x, new_tokens), dev)
+            hf_pre.append(t1)
+            hf_dec.append((new_tokens - 1) / max(tn - t1, 1e-9))
+            pre, dec, _ = _session_generate(loaded, ids, new_tokens, None)
+            am_pre.append(pre)
+            am_dec.append((new_tokens - 1) / dec)
+            _, dec_b, compactions = _session_generate(loaded, ids, new_tokens, budget_mb)
+            bud_dec.append((new_tokens - 1) / dec_b)
+        row = {
+            "context_tokens": length,
+            "hf_prefill_tps": length / median(hf_pre),
+            "agentmem_prefill_tps": length / median(am_pre),
+            "hf_decode_tps": median(hf_dec),
+            "agentmem_decode_tps": median(am_dec),
+            "agentmem_budgeted_decode_tps": median(bud_dec),
+            "budget_mb": budget_mb,
+            "budgeted_compactions": compactions,
+        }
+        row["decode_ratio"] = row["agentmem_decode_tps"] / row["hf_decode_tps"]
+        row["prefill_ratio"] = row["agentmem_prefill_tps"] / row["hf_prefill_tps"]
+        rows.append(row)
+        print(
+            f"[bench speed] {length:>5} tokens: decode {row['agentmem_decode_tps']:.1f} vs "
+            f"{row['hf_decode_tps']:.1f} tok/s (x{row['decode_ratio']:.2f})",
+            file=sys.stderr,
+        )
+    return {
+        "model": loaded.name,
+        "source_text": source,
+        "new_tokens": new_tokens,
+        "repeats": repeats,
+        "environment": environment(dev),
+        "rows": rows,
+    }
+
+
+def to_markdown(data: dict, command: str) -> str:
+    env = data["environment"]
+    lines = [
+        "# Speed: AgentSession vs transformers `model.generate`",
+        "",
+        f"Model `{data['model']}`, device `{env['device']}` ({env['cpu']}, {env['torch_threads']} torch threads), "
+        f"torch {env['torch']}, transformers {env['transformers']}. Prompt: the first N tokens of "
+        f"`{data['source_text']}`; {data['new_tokens']} greedy tokens; medians of {data['repeats']} interleaved runs.",
+        "",
+        "Decode tokens/s at equal physical length (nothing compacted), and the ratio measured in the same run. "
+        "*Budgeted*: the session under a budget that holds about the prompt, compacting (streaming) while it decodes.",
+        "",
+        "| context | HF decode tok/s | agentmem decode tok/s | ratio | agentmem budgeted tok/s (compactions) "
+        "| HF prefill tok/s | agentmem prefill tok/s | ratio |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in data["rows"]:
+        lines.append(
+            f"| {r['context_tokens']} | {r['hf_decode_tps']:.1f} | {r['agentmem_decode_tps']:.1f} | "
+            f"**{r['decode_ratio']:.2f}** | {r['agentmem_budgeted_decode_tps']:.1f} ({r['budgeted_compactions']}) | "
+            f"{r['hf_prefill_tps']:.0f} | {r['agentmem_prefill_tps']:.0f} | {r['prefill_ratio']:.2f} |"
+        )
+    lines += ["", f"Command: `{command}`", ""]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(
+        prog="agentmem bench speed", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument("--lengths", type=int, nargs="+", default=[256, 1024, 2048])
+    p.add_argument("--new-tokens", type=int, default=64)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--model", default="smollm2-135m")
+    p.add_argument("--device", default=None)
+    p.add_argument("--out", type=Path, default=Path("docs/benchmarks"))
+    args = p.parse_args(argv)
+    data = run(args.lengths, args.new_tokens, args.repeats, args.model, args.device)
+    command = "agentmem bench speed " + " ".join(argv or [])
+    write_report(args.out, "speed", data, to_markdown(data, command.strip()))
+    print(to_markdown(data, command.strip()))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,132 @@
+"""The ``agentmem`` command line: run, chat, bench."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from .models import DEFAULT_MODEL
+
+
+def _add_session_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default=DEFAULT_MODEL, help="smollm2-135m (default), gemma3-270m, a HF dir or a .gguf")
+    p.add_argument("--max-kv-mb", type=float, default=64.0, help="KV budget in MiB (default 64)")
+    p.add_argument("--policy", default=None, help="policy name or preset file (default: streaming)")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:N or auto (default: cuda if available)")
+    p.add_argument("--dtype", default=None, help="float32, bfloat16 or float16 (default: fp32 on CPU)")
+    p.add_argument("--seed", type=int, default=0)
+
+
+def _session(args):
+    from .session import AgentSession
+
+    return AgentSession(
+        model=args.model,
+        max_kv_mb=args.max_kv_mb,
+        policy=args.policy,
+        device=args.device,
+        dtype=args.dtype,
+        seed=args.seed,
+    )
+
+
+def _print_stats(session) -> None:
+    st = session.stats
+    print(
+        f"[agentmem] kv {st.kv_bytes / 2**20:.2f} MiB (peak {st.peak_kv_bytes / 2**20:.2f}, max "
+        f"{(st.max_kv_bytes or 0) / 2**20:.2f}), payload {st.payload_bytes / 2**20:.2f} MiB, "
+        f"{st.logical_tokens} tokens read, {st.physical_tokens:.0f} stored, {len(st.compactions)} compactions",
+        file=sys.stderr,
+    )
+
+
+def _stream_to_terminal(events) -> None:
+    for ev in events:
+        if ev.kind == "token":
+            sys.stdout.write(ev.text)
+            sys.stdout.flush()
+        elif ev.kind == "compaction":
+            print(f"\n{ev.compaction.receipt()}", file=sys.stderr, flush=True)
+        elif ev.kind == "done":
+            s = ev.result.stats
+            print(
+                f"\n[agentmem] {s.generated_tokens} tokens, {s.decode_tps:.1f} tok/s, "
+                f"finish: {ev.result.finish_reason}",
+                file=sys.stderr,
+            )
+
+
+def cmd_run(args) -> int:
+    session = _session(args)
+    kwargs = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p)
+    if args.raw or session.tokenizer.chat_template is None:
+        events = session.stream(args.prompt, ignore_eos=args.ignore_eos, **kwargs)
+    else:
+        events = session.chat_stream([{"role": "user", "content": args.prompt}], **kwargs)
+    _stream_to_terminal(events)
+    _print_stats(session)
+    return 0
+
+
+def cmd_chat(args) -> int:
+    session = _session(args)
+    print("agentmem chat: one message per line, Ctrl-D to quit", file=sys.stderr)
+    for line in sys.stdin:
+        line = line.strip()
+        if not line:
+            continue
+        _stream_to_terminal(session.chat_stream(line, max_new_tokens=args.max_new_tokens, temperature=args.temperature))
+        _print_stats(session)
+    return 0
+
+
+def cmd_bench(args) -> int:
+    if args.what == "speed":
+        from .bench.speed import main as bench_main
+    else:
+        from .bench.positions import main as bench_main
+    return bench_main(args.rest)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="agentmem", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser("run", help="generate from a prompt under a KV budget; text to stdout, receipts to stderr")
+    run.add_argument("prompt")
+    _add_session_args(run)
+    run.add_argument("--max-new-tokens", type=int, default=256)
+    run.add_argument("--temperature", type=float, default=0.0)
+    run.add_argument("--top-p", type=float, default=1.0)
+    run.add_argument("--raw", action="store_true", help="continue the prompt as raw text (no chat template)")
+    run.add_argument("--ignore-eos", action="store_true", help="with --raw: keep going past end-of-sequence")
+    run.set_defaults(func=cmd_run)
+
+    chat = sub.add_parser("chat", help="interactive chat on stdin under a KV budget")
+    _add_session_args(chat)
+    chat.add_argument("--max-new-tokens", type=int, default=512)
+    chat.add_argument("--temperature", type=float, default=0.0)
+    chat.set_defaults(func=cmd_chat)
+
+    bench = sub.add_parser("bench", help="benchmarks (speed, positions); their own options follow the name")
+    bench.add_argument("what", choices=["speed", "positions"])
+    bench.add_argument("rest", nargs=argparse.REMAINDER)
+    bench.set_defaults(func=cmd_bench)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from .errors import AgentMemError
+
+    try:
+        return args.func(args)
+    except (AgentMemError, ValueError) as exc:
+        print(f"agentmem: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,97 @@
+"""Typed records the session hands back: compaction receipts, stream events, results and stats."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Literal
+
+
+@dataclass
+class CompactionEvent:
+    """One compaction: what was compacted, how much memory it freed and what it cost."""
+
+    reason: str  # "budget" (the next step would not fit), "manual" (session.compact), "tool", ...
+    policy: str
+    method: str
+    logical_tokens: int  # tokens seen when it happened
+    tokens_before: float  # physical tokens (entries per layer and KV head, averaged)
+    tokens_after: float
+    kv_bytes_before: int
+    kv_bytes_after: int
+    payload_bytes_before: int
+    payload_bytes_after: int
+    seconds: float
+    notes: list[str] = field(default_factory=list)
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+    def receipt(self) -> str:
+        return (
+            f"[agentmem] compacted ({self.reason}, {self.method}): {self.tokens_before:.0f} -> "
+            f"{self.tokens_after:.0f} tokens, {self.payload_bytes_before / 2**20:.2f} -> "
+            f"{self.payload_bytes_after / 2**20:.2f} MiB payload, {self.seconds * 1e3:.0f} ms"
+        )
+
+
+@dataclass
+class SessionStats:
+    """Memory and position state of a session. Bytes are exact; MiB = 2**20 bytes."""
+
+    kv_bytes: int  # every byte the cache holds (keys, values, beta, positions, padding, spare capacity)
+    payload_bytes: int  # bytes of entries in use
+    peak_kv_bytes: int  # highest kv_bytes so far, counting buffers being re-allocated
+    max_kv_bytes: int | None  # the budget
+    logical_tokens: int  # tokens read into the cache so far
+    physical_tokens: float  # entries per (layer, KV head), averaged
+    pending_tokens: int  # tokens accepted but not yet run through the model (the last one read or sampled)
+    position_offset: int  # total re-basing shift: next RoPE position = logical_tokens - position_offset
+    compactions: list[CompactionEvent] = field(default_factory=list)
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class GenerationStats:
+    prompt_tokens: int
+    generated_tokens: int
+    prefill_seconds: float
+    decode_seconds: float
+    compactions: list[CompactionEvent] = field(default_factory=list)
+    kv_bytes: int = 0
+    peak_kv_bytes: int = 0
+
+    @property
+    def prompt_tps(self) -> float:
+        return self.prompt_tokens / self.prefill_seconds if self.prefill_seconds > 0 else 0.0
+
+    @property
+    def decode_tps(self) -> float:
+        return self.generated_tokens / self.decode_seconds if self.decode_seconds > 0 else 0.0
+
+
+FinishReason = Literal["eos", "stop", "length"]
+
+
+@dataclass
+class GenerationResult:
+    text: str
+    token_ids: list[int]
+    finish_reason: FinishReason
+    stats: GenerationStats
+
+
+@dataclass
+class StreamEvent:
+    """Yielded by ``AgentSession.stream``. ``kind`` is "token", "compaction" or "done"; ``text`` is
+    always a string (empty for compaction events) so ``print(ev.text, end="")`` just works."""
+
+    kind: Literal["token", "compaction", "done"]
+    text: str = ""
+    token_id: int | None = None
+    generated_tokens: int = 0
+    tokens_per_s: float = 0.0
+    kv_bytes: int = 0
+    compaction: CompactionEvent | None = None
+    result: GenerationResult | None = None

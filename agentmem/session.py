@@ -1,0 +1,512 @@
+"""AgentSession: the generation loop that owns a byte-budgeted, compactable KV cache.
+
+The session reads text (``append``), continues it (``generate`` / ``stream``), holds chat turns
+(``chat``), scores text without changing itself (``score``) and compacts on demand (``compact``).
+Before every model call it makes room: sliding-window layers drop what no query can see, positions
+are kept in range (positions.py), and if the next chunk still does not fit the budget the policy
+plans a compaction that the method executes. ``kv_bytes`` never exceeds ``max_kv_bytes``.
+
+Invariant: the last token read or sampled is *pending* -- accepted, but not yet run through the
+model. The next call runs it first, so there are always logits for what comes next without
+storing any.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+import threading
+import time
+from array import array
+from collections.abc import Iterator, Sequence
+
+import torch
+
+from . import positions
+from .cache import CompactedCache
+from .compaction.driver import execute_plan
+from .errors import AgentMemError, BudgetError
+from .events import CompactionEvent, GenerationResult, GenerationStats, SessionStats, StreamEvent
+from .methods import get_method
+from .models import LoadedModel, load_model, wrap_model
+from .policy import Policy, resolve_policy
+from .positions import PositionConfig
+from .textstream import IncrementalDetokenizer, find_stop
+
+log = logging.getLogger(__name__)
+
+MiB = 2**20
+
+
+class AgentSession:
+    """One sequence, one model, one KV cache bounded by ``max_kv_mb`` MiB.
+
+    Args:
+        model: ``"smollm2-135m"`` (default), ``"gemma3-270m"``, a local HF directory, a ``.gguf``
+            file, a :class:`~agentmem.models.LoadedModel`, or a transformers model (pass ``tokenizer``).
+        max_kv_mb: KV budget in MiB (2**20 bytes); None = unbounded.
+        policy: a policy name (``"streaming"``, ``"truncate"``), a preset file, a config or a Policy.
+        device / dtype: ``"cpu"``, ``"cuda"``, ``"auto"``; dtype defaults to fp32 on CPU, bf16 on CUDA.
+        chunk_tokens: longest chunk run through the model at once while reading (capped by the budget).
+        positions: how positions stay in range for endless runs (:class:`PositionConfig`).
+        seed: seed of the sampler used when ``temperature > 0``.
+    """
+
+    def __init__(
+        self,
+        model=None,
+        max_kv_mb: float | None = 64,
+        policy=None,
+        device: str | None = None,
+        dtype=None,
+        *,
+        tokenizer=None,
+        chunk_tokens: int = 256,
+        positions: PositionConfig | dict | None = None,
+        seed: int = 0,
+    ):
+        if max_kv_mb is not None and not max_kv_mb > 0:
+            raise BudgetError(f"max_kv_mb must be > 0 (got {max_kv_mb}); use None for an unbounded cache")
+        if chunk_tokens < 1:
+            raise ValueError(f"chunk_tokens must be >= 1 (got {chunk_tokens})")
+        if isinstance(model, LoadedModel):
+            self._loaded = model
+        elif isinstance(model, torch.nn.Module):
+            self._loaded = wrap_model(model, tokenizer)
+        else:
+            self._loaded = load_model(model, device=device, dtype=dtype)
+        if self._loaded.tokenizer is None:
+            raise ValueError("a tokenizer is required: pass tokenizer= along with a transformers model")
+        self.policy: Policy = resolve_policy(policy)
+        self._method = get_method(self.policy.method)
+        self.positions = (
+            positions if isinstance(positions, PositionConfig) else PositionConfig.model_validate(positions or {})
+        )
+        self.max_kv_bytes = None if max_kv_mb is None else int(max_kv_mb * MiB)
+        self.cache = CompactedCache(self.spec, self._loaded.dtype, self._loaded.device, self.max_kv_bytes)
+        cap = self.cache.max_tokens()
+        self.chunk_tokens = max(1, min(chunk_tokens, cap // 4))
+        need = self.policy.min_tokens(1)
+        if cap < need:
+            raise BudgetError(
+                f"max_kv_mb={max_kv_mb} holds {cap} tokens of {self.spec.name} "
+                f"({self.cache.bytes_per_token()} bytes each); policy {self.policy.name!r} needs at least "
+                f"{need}: use max_kv_mb >= {math.ceil(self.cache.bytes_for_tokens(need) / MiB * 100) / 100:.2f}"
+            )
+        self.compactions: list[CompactionEvent] = []
+        self.messages: list[dict] = []  # chat history (role/content) seen through chat() / append(role=...)
+        self._chat_text = ""  # the chat-rendered text actually read, to extend turn by turn
+        self._pending: list[int] = []
+        self.transcript_ids = array("i")  # every token read or sampled, in order (compaction never touches it)
+        self._started = False  # whether the first token (and BOS) has been read
+        self._generator = torch.Generator(device="cpu").manual_seed(seed)
+        self._lock = threading.RLock()
+
+    # ------------------------------------------------------------------ properties
+    @property
+    def model(self) -> torch.nn.Module:
+        return self._loaded.model
+
+    @property
+    def tokenizer(self):
+        return self._loaded.tokenizer
+
+    @property
+    def spec(self):
+        return self._loaded.spec
+
+    @property
+    def stats(self) -> SessionStats:
+        c = self.cache
+        return SessionStats(
+            kv_bytes=c.kv_bytes,
+            payload_bytes=c.payload_bytes,
+            peak_kv_bytes=c.peak_bytes,
+            max_kv_bytes=self.max_kv_bytes,
+            logical_tokens=c.logical_length,
+            physical_tokens=c.physical_tokens,
+            pending_tokens=len(self._pending),
+            position_offset=c.position_offset,
+            compactions=list(self.compactions),
+        )
+
+    def transcript(self) -> str:
+        """The raw text of everything the session has read or generated (special tokens included)."""
+        return self.tokenizer.decode(list(self.transcript_ids), skip_special_tokens=False)
+
+    # ------------------------------------------------------------------ tokens in
+    def _encode(self, text: str, chat: bool = False) -> list[int]:
+        # BOS (for tokenizers that add one) only at the very start of a raw-text session; chat
+        # templates write their own.
+        add_special = not self._started and not chat
+        return list(self.tokenizer(text, add_special_tokens=add_special)["input_ids"])
+
+    def _make_room(self, cache: CompactedCache, n: int, record: list[CompactionEvent] | None) -> None:
+        """Ensure n more tokens fit: trim dead sliding-window entries, fix positions, compact if needed."""
+        cache.trim_sliding(n)
+        positions.maintain(cache, n, self.positions)
+        if cache.fits(n):
+            cache.reserve(n)
+            return
+        cache.trim_sliding(n, min_dead=0)
+        if not cache.fits(n):
+            plan = self.policy.plan_for_budget(cache, n)
+            event = execute_plan(cache, plan, self._method, self.policy.name)
+            if record is not None:
+                record.append(event)
+            if not cache.fits(n):
+                raise BudgetError(
+                    f"policy {self.policy.name!r} could not make room for {n} tokens within "
+                    f"{cache.max_bytes / MiB:.2f} MiB; raise max_kv_mb or lower chunk_tokens"
+                )
+        cache.reserve(n)
+
+    def _run(
+        self,
+        cache: CompactedCache,
+        ids: Sequence[int],
+        keep: str,
+        record: list[CompactionEvent] | None,
+    ) -> torch.Tensor | None:
+        """Run tokens through the model in budget-sized chunks.
+
+        keep: "none", "last" (logits of the last token, (V,)) or "all" ((len(ids), V)), fp32.
+        """
+        out: list[torch.Tensor] = []
+        last = None
+        for start in range(0, len(ids), self.chunk_tokens):
+            chunk = list(ids[start : start + self.chunk_tokens])
+            n = len(chunk)
+            self._make_room(cache, n, record)
+            snapshot = cache.snapshot_lengths()
+            position_ids = cache.begin_forward(n)
+            input_ids = torch.tensor([chunk], dtype=torch.long, device=self._loaded.device)
+            final = start + n >= len(ids)
+            try:
+                with torch.inference_mode():
+                    result = self.model(
+                        input_ids=input_ids,
+                        position_ids=position_ids,
+                        past_key_values=cache,
+                        use_cache=True,
+                        agentmem_cache=cache,
+                        logits_to_keep=0 if keep == "all" else 1,
+                    )
+            except BaseException:
+                cache.rollback(snapshot)  # a failed forward leaves the cache as it was
+                raise
+            cache.commit_forward(n)
+            if keep == "all":
+                out.append(result.logits[0].float())
+            elif final and keep == "last":
+                last = result.logits[0, -1].float()
+        if keep == "all":
+            return torch.cat(out, dim=0) if out else None
+        return last
+
+    def _read(self, ids: list[int], record: list[CompactionEvent]) -> torch.Tensor | None:
+        """Accept tokens: run pending + all but the last; the last becomes pending."""
+        if not ids:
+            return None
+        todo = self._pending + ids
+        self._started = True
+        self.transcript_ids.extend(ids)
+        logits = self._run(self.cache, todo[:-1], "none", record) if len(todo) > 1 else None
+        self._pending = todo[-1:]
+        return logits
+
+    def _step_pending(self, record: list[CompactionEvent]) -> torch.Tensor:
+        """Run the pending token(s) and return the next-token logits."""
+        logits = self._run(self.cache, self._pending, "last", record)
+        self._pending = []
+        return logits
+
+    # ------------------------------------------------------------------ public: reading
+    def append(self, text: str, role: str | None = None) -> None:
+        """Read text into memory. ``role`` ("user", "system", "tool", ...) wraps it in the chat template.
+
+        Long inputs are run in chunks; the policy compacts between chunks so the budget holds.
+        """
+        if not isinstance(text, str):
+            raise TypeError(f"text must be a str, not {type(text).__name__}")
+        with self._lock:
+            if role is None:
+                ids = self._encode(text)
+            else:
+                ids = self._chat_ids([{"role": role, "content": text}], add_generation_prompt=False)
+            self._read(ids, self.compactions)
+
+    def _chat_ids(self, messages: list[dict], add_generation_prompt: bool) -> list[int]:
+        for m in messages:
+            if not isinstance(m, dict) or "role" not in m or "content" not in m:
+                raise ValueError(f"chat messages are dicts with 'role' and 'content', got {m!r}")
+        if getattr(self.tokenizer, "chat_template", None) is None:
+            raise AgentMemError(f"{self.spec.name} has no chat template; use append()/generate() with raw text")
+        full = self.tokenizer.apply_chat_template(
+            self.messages + messages, tokenize=False, add_generation_prompt=add_generation_prompt
+        )
+        if self._chat_text and full.startswith(self._chat_text):
+            delta = full[len(self._chat_text) :]
+        else:  # first turn, or raw text was read in between: render the new messages alone
+            delta = self.tokenizer.apply_chat_template(
+                messages, tokenize=False, add_generation_prompt=add_generation_prompt
+            )
+            if self.messages:
+                log.debug("chat history is not a prefix of the new rendering; rendering the new turn alone")
+        self.messages.extend(copy.deepcopy(messages))
+        self._chat_text = full
+        return self._encode(delta, chat=True)
+
+    # ------------------------------------------------------------------ public: generation
+    def stream(
+        self,
+        prompt: str | None,
+        max_new_tokens: int = 256,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        stop: str | Sequence[str] | None = None,
+        ignore_eos: bool = False,
+    ) -> Iterator[StreamEvent]:
+        """Read ``prompt`` (raw text) and continue it, yielding token, compaction and done events.
+
+        ``prompt=None`` continues from what is already in memory. ``ignore_eos`` keeps generating
+        past end-of-sequence tokens (benchmarks, endless reasoning runs).
+        """
+        _check_generation_args(max_new_tokens, temperature, top_p)
+        ids = self._prompt_ids(prompt)
+        return self._stream_ids(ids, max_new_tokens, temperature, top_p, stop, ignore_eos)
+
+    def _prompt_ids(self, prompt) -> list[int]:
+        if prompt is None:
+            if not self._pending:
+                raise ValueError("nothing to continue: the session is empty; pass a prompt")
+            return []
+        if not isinstance(prompt, str):
+            raise TypeError(f"prompt must be a str or None, not {type(prompt).__name__}")
+        if prompt == "":
+            raise ValueError("prompt is empty; pass text, or prompt=None to continue from memory")
+        return self._encode(prompt)
+
+    def _sample(self, logits: torch.Tensor, temperature: float, top_p: float) -> int:
+        if temperature == 0:
+            return int(torch.argmax(logits).item())
+        probs = torch.softmax(logits.cpu() / temperature, dim=-1)
+        if top_p < 1.0:
+            sorted_p, order = torch.sort(probs, descending=True)
+            keep = torch.cumsum(sorted_p, dim=-1) - sorted_p < top_p
+            probs = torch.zeros_like(probs).scatter_(0, order[keep], sorted_p[keep])
+        return int(torch.multinomial(probs, 1, generator=self._generator).item())
+
+    def _stream_ids(self, ids, max_new_tokens, temperature, top_p, stop, ignore_eos=False) -> Iterator[StreamEvent]:
+        stops = [stop] if isinstance(stop, str) else list(stop or [])
+        with self._lock:
+            first_event = len(self.compactions)
+            seen = first_event
+            t0 = time.perf_counter()
+            if max_new_tokens > 0:  # read the prompt and predict in one pass
+                todo, self._pending, self._started = self._pending + ids, [], True
+                self.transcript_ids.extend(ids)
+                logits = self._run(self.cache, todo, "last", self.compactions)
+            else:
+                self._read(ids, self.compactions)
+            prefill = time.perf_counter() - t0
+            detok = IncrementalDetokenizer(self.tokenizer)
+            generated: list[int] = []
+            text = ""
+            finish = "length"
+            t1 = time.perf_counter()
+            for i in range(max_new_tokens + 1):
+                for ev in self.compactions[seen:]:
+                    yield StreamEvent(kind="compaction", compaction=ev, kv_bytes=self.cache.kv_bytes)
+                seen = len(self.compactions)
+                if i == max_new_tokens:
+                    tail = detok.flush()
+                    text += tail
+                    if tail:
+                        yield self._token_event(tail, None, len(generated), t1)
+                    break
+                if i > 0:
+                    logits = self._step_pending(self.compactions)
+                token = self._sample(logits, temperature, top_p)
+                generated.append(token)
+                self._pending = [token]
+                self.transcript_ids.append(token)
+                if token in self.spec.eos_token_ids and not ignore_eos:
+                    finish = "eos"
+                    break
+                delta = detok.push(token)
+                if not delta:
+                    continue
+                candidate = text + delta
+                cut = find_stop(candidate, len(text), stops) if stops else None
+                if cut is not None:
+                    delta, candidate, finish = candidate[len(text) : cut], candidate[:cut], "stop"
+                text = candidate
+                if delta:
+                    yield self._token_event(delta, token, len(generated), t1)
+                if finish == "stop":
+                    break
+            result = GenerationResult(
+                text=text,
+                token_ids=generated,
+                finish_reason=finish,
+                stats=GenerationStats(
+                    prompt_tokens=len(ids),
+                    generated_tokens=len(generated),
+                    prefill_seconds=prefill,
+                    decode_seconds=time.perf_counter() - t1,
+                    compactions=self.compactions[first_event:],
+                    kv_bytes=self.cache.kv_bytes,
+                    peak_kv_bytes=self.cache.peak_bytes,
+                ),
+            )
+            yield StreamEvent(
+                kind="done",
+                result=result,
+                generated_tokens=len(generated),
+                kv_bytes=self.cache.kv_bytes,
+                tokens_per_s=result.stats.decode_tps,
+            )
+
+    def _token_event(self, text: str, token: int | None, count: int, t_start: float) -> StreamEvent:
+        elapsed = time.perf_counter() - t_start
+        return StreamEvent(
+            kind="token",
+            text=text,
+            token_id=token,
+            generated_tokens=count,
+            tokens_per_s=count / elapsed if elapsed > 0 else 0.0,
+            kv_bytes=self.cache.kv_bytes,
+        )
+
+    @staticmethod
+    def _collect(events: Iterator[StreamEvent]) -> GenerationResult:
+        result = None
+        for ev in events:
+            if ev.kind == "done":
+                result = ev.result
+        assert result is not None
+        return result
+
+    def generate(
+        self,
+        prompt: str | None,
+        max_new_tokens: int = 256,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        stop: str | Sequence[str] | None = None,
+        ignore_eos: bool = False,
+    ) -> GenerationResult:
+        """Read raw ``prompt`` and continue it; returns text, token ids, finish reason and stats."""
+        return self._collect(self.stream(prompt, max_new_tokens, temperature, top_p, stop, ignore_eos))
+
+    def chat(
+        self,
+        messages: list[dict] | str,
+        max_new_tokens: int = 256,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        stop: str | Sequence[str] | None = None,
+    ) -> GenerationResult:
+        """Add the new turn(s) to the conversation and generate the assistant's reply.
+
+        ``messages`` are the *new* messages (a str is one user message); the history is kept.
+        """
+        return self._collect(self.chat_stream(messages, max_new_tokens, temperature, top_p, stop))
+
+    def chat_stream(self, messages, max_new_tokens=256, temperature=0.0, top_p=1.0, stop=None) -> Iterator[StreamEvent]:
+        if isinstance(messages, str):
+            messages = [{"role": "user", "content": messages}]
+        if not messages:
+            raise ValueError("messages is empty")
+        _check_generation_args(max_new_tokens, temperature, top_p)
+        with self._lock:
+            ids = self._chat_ids(list(messages), add_generation_prompt=True)
+        return self._chat_events(ids, max_new_tokens, temperature, top_p, stop)
+
+    def _chat_events(self, ids, max_new_tokens, temperature, top_p, stop) -> Iterator[StreamEvent]:
+        result = None
+        for ev in self._stream_ids(ids, max_new_tokens, temperature, top_p, stop):
+            if ev.kind == "done":
+                result = ev.result
+            yield ev
+        reply = result.text
+        self.messages.append({"role": "assistant", "content": reply})
+        generated = self.tokenizer.decode(result.token_ids, skip_special_tokens=False)
+        self._chat_text += generated
+
+    # ------------------------------------------------------------------ public: scoring
+    def score(self, text: str, prefix: str = "") -> ScoreResult:
+        """Mean NLL per token of ``text`` read after the current memory and ``prefix``; no side effects.
+
+        If the session is empty and there is no prefix, the first token of ``text`` is context only.
+        """
+        if not isinstance(text, str) or not text:
+            raise ValueError("text to score must be a non-empty str")
+        with self._lock:
+            started = self._started
+            ctx = self._pending + (self._encode(prefix) if prefix else [])
+            if prefix:
+                self._started = True
+            target = self._encode(text)
+            self._started = started
+            if not ctx:
+                ctx, target = target[:1], target[1:]
+                if not target:
+                    raise ValueError("text has a single token and nothing precedes it: nothing to score")
+            ids = ctx + target
+            cache = self.cache
+            snapshot = None
+            in_place = cache.fits(len(ids)) and positions.maintain_is_noop(cache, len(ids), self.positions)
+            if in_place:
+                snapshot = (cache.snapshot_lengths(), cache.logical_length)
+            else:
+                cache = cache.clone()
+            try:
+                logits = self._run(cache, ids, "all", None)
+            finally:
+                if snapshot is not None:
+                    cache.rollback(snapshot[0])
+                    cache.logical_length = snapshot[1]
+            pred = logits[len(ctx) - 1 : len(ids) - 1]
+            tgt = torch.tensor(target, device=pred.device)
+            nll = torch.nn.functional.cross_entropy(pred, tgt, reduction="none")
+            return ScoreResult(nll=float(nll.mean().item()), tokens=len(target), token_nll=nll.cpu().tolist())
+
+    # ------------------------------------------------------------------ public: compaction
+    def compact(self, ratio: float) -> CompactionEvent:
+        """Compact what is in memory now to ``ratio`` of its physical size, with the session's policy."""
+        if not 0 < ratio <= 1:
+            raise ValueError(f"ratio must be in (0, 1] (got {ratio})")
+        with self._lock:
+            plan = self.policy.plan_for_ratio(self.cache, ratio)
+            event = execute_plan(self.cache, plan, self._method, self.policy.name)
+            self.cache.shrink_to_fit()
+            event.kv_bytes_after = self.cache.kv_bytes
+            self.compactions.append(event)
+            return event
+
+
+def _check_generation_args(max_new_tokens, temperature, top_p) -> None:
+    if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) or max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens must be an int >= 0 (got {max_new_tokens!r})")
+    if temperature < 0:
+        raise ValueError(f"temperature must be >= 0 (got {temperature})")
+    if not 0 < top_p <= 1:
+        raise ValueError(f"top_p must be in (0, 1] (got {top_p})")
+
+
+class ScoreResult:
+    """``nll``: mean negative log-likelihood (nats/token) of the scored text; ``token_nll`` per token."""
+
+    __slots__ = ("nll", "tokens", "token_nll")
+
+    def __init__(self, nll: float, tokens: int, token_nll: list[float]):
+        self.nll, self.tokens, self.token_nll = nll, tokens, token_nll
+
+    def __repr__(self) -> str:
+        return f"ScoreResult(nll={self.nll:.4f}, tokens={self.tokens})"
+
+    def __float__(self) -> float:
+        return self.nll

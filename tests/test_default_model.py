@@ -1,0 +1,49 @@
+"""The real embedded default model (SmolLM2-135M-Instruct) under a budget. Marked slow."""
+
+from __future__ import annotations
+
+import pytest
+
+from agentmem import AgentSession
+
+pytestmark = pytest.mark.slow
+
+
+def test_2000_tokens_under_16_mib(default_model):
+    s = AgentSession(model=default_model, max_kv_mb=16)
+    worst = 0
+    pieces = []
+    for ev in s.stream(
+        "Chapter 1\n\nThe old lighthouse keeper had lived alone on the island for thirty years.",
+        max_new_tokens=2000,
+        ignore_eos=True,
+    ):
+        worst = max(worst, s.cache.kv_bytes)
+        pieces.append(ev.text)
+    st = s.stats
+    assert worst <= 16 * 2**20 and st.peak_kv_bytes <= 16 * 2**20
+    assert len(st.compactions) >= 5
+    assert st.logical_tokens >= 2000 > 5 * st.physical_tokens
+    text = "".join(pieces)
+    assert len(text) > 4000 and len(set(text.split())) > 30  # text keeps coming
+
+
+def test_20000_token_input_under_16_mib(default_model):
+    from agentmem.bench.positions import long_text
+
+    ids, _ = long_text(20000, default_model.tokenizer)
+    s = AgentSession(model=default_model, max_kv_mb=16)
+    s.append(default_model.tokenizer.decode(ids))
+    st = s.stats
+    assert st.peak_kv_bytes <= 16 * 2**20
+    assert st.logical_tokens > 19000 and st.physical_tokens < 400
+    assert s.cache.next_position <= default_model.spec.max_position_embeddings
+    r = s.generate("\n\ndef", max_new_tokens=20)
+    assert r.stats.generated_tokens > 0
+
+
+def test_bad_budget_names_the_fix(default_model):
+    from agentmem import BudgetError
+
+    with pytest.raises(BudgetError, match=r"use max_kv_mb >= 0\.\d\d"):
+        AgentSession(model=default_model, max_kv_mb=0.2)
