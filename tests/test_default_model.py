@@ -16,6 +16,8 @@ def test_2000_tokens_under_16_mib(default_model):
     for ev in s.stream(
         "Chapter 1\n\nThe old lighthouse keeper had lived alone on the island for thirty years.",
         max_new_tokens=2000,
+        temperature=0.8,
+        top_p=0.95,
         ignore_eos=True,
     ):
         worst = max(worst, s.cache.kv_bytes)
@@ -25,7 +27,7 @@ def test_2000_tokens_under_16_mib(default_model):
     assert len(st.compactions) >= 5
     assert st.logical_tokens >= 2000 > 5 * st.physical_tokens
     text = "".join(pieces)
-    assert len(text) > 4000 and len(set(text.split())) > 30  # text keeps coming
+    assert len(text) > 4000 and len(set(text.split())) > 50  # text keeps coming
 
 
 def test_20000_token_input_under_16_mib(default_model):

@@ -132,9 +132,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--modes", nargs="+", default=["raw", "rebase", "clamp:8192", "clamp:4096", "clamp", "clamp:1024"])
     p.add_argument("--model", default="smollm2-135m")
     p.add_argument("--out", type=Path, default=Path("docs/benchmarks"))
+    argv = sys.argv[1:] if argv is None else argv
     args = p.parse_args(argv)
     data = run(args.tokens, args.max_kv_mb, args.model, args.segment, args.modes)
-    command = ("agentmem bench positions " + " ".join(argv or [])).strip()
+    command = ("agentmem bench positions " + " ".join(argv)).strip()
     write_report(args.out, "positions", data, to_markdown(data, command))
     print(to_markdown(data, command))
     return 0

@@ -119,9 +119,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--model", default="smollm2-135m")
     p.add_argument("--device", default=None)
     p.add_argument("--out", type=Path, default=Path("docs/benchmarks"))
+    argv = sys.argv[1:] if argv is None else argv
     args = p.parse_args(argv)
     data = run(args.lengths, args.new_tokens, args.repeats, args.model, args.device)
-    command = "agentmem bench speed " + " ".join(argv or [])
+    command = "agentmem bench speed " + " ".join(argv)
     write_report(args.out, "speed", data, to_markdown(data, command.strip()))
     print(to_markdown(data, command.strip()))
     return 0
