@@ -84,8 +84,10 @@ def agentmem_attention_forward(
     if not getattr(module, "is_causal", True):
         raise UnsupportedModelError("bidirectional attention layers are not supported by agentmem")
     layer = cache.layers[module.layer_idx]
-    if cache.query_observer is not None:
+    if cache.query_observer is not None:  # a scratch pass collecting reference queries
         cache.query_observer(module.layer_idx, query)
+    elif cache.query_buffer is not None:  # recent / context queries for online compaction
+        cache.query_buffer.push(module.layer_idx, query)
     _, hq, n, d = query.shape
     hkv, length = key.shape[1], key.shape[2]
     rep = hq // hkv
@@ -95,8 +97,11 @@ def agentmem_attention_forward(
     if softcap is None and bias is None:  # plain decode step: same call as transformers' SDPA path
         out = F.scaled_dot_product_attention(query, key, value, scale=scale, enable_gqa=rep > 1)
         return out.transpose(1, 2).contiguous(), None
-    if softcap is None and bias is not None and bias.dtype == torch.bool and length == n:
-        out = F.scaled_dot_product_attention(query, key, value, scale=scale, is_causal=True, enable_gqa=rep > 1)
+    if softcap is None and bias is not None and bias.dtype == torch.bool:  # causal block, no bias: one shared mask
+        if length == n:
+            out = F.scaled_dot_product_attention(query, key, value, scale=scale, is_causal=True, enable_gqa=rep > 1)
+        else:
+            out = F.scaled_dot_product_attention(query, key, value, attn_mask=bias, scale=scale, enable_gqa=rep > 1)
         return out.transpose(1, 2).contiguous(), None
 
     # stack the rep query heads of each KV head along the query axis

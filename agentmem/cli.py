@@ -11,7 +11,7 @@ from .models import DEFAULT_MODEL
 def _add_session_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=DEFAULT_MODEL, help="smollm2-135m (default), gemma3-270m, a HF dir or a .gguf")
     p.add_argument("--max-kv-mb", type=float, default=64.0, help="KV budget in MiB (default 64)")
-    p.add_argument("--policy", default=None, help="policy name or preset file (default: streaming)")
+    p.add_argument("--policy", default=None, help="policy name or preset file (default: am-halve)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:N or auto (default: cuda if available)")
     p.add_argument("--dtype", default=None, help="float32, bfloat16 or float16 (default: fp32 on CPU)")
     p.add_argument("--seed", type=int, default=0)
@@ -81,11 +81,9 @@ def cmd_chat(args) -> int:
 
 
 def cmd_bench(args) -> int:
-    if args.what == "speed":
-        from .bench.speed import main as bench_main
-    else:
-        from .bench.positions import main as bench_main
-    return bench_main(args.rest)
+    import importlib
+
+    return importlib.import_module(f"agentmem.bench.{args.what}").main(args.rest)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -108,8 +106,8 @@ def build_parser() -> argparse.ArgumentParser:
     chat.add_argument("--temperature", type=float, default=0.0)
     chat.set_defaults(func=cmd_chat)
 
-    bench = sub.add_parser("bench", help="benchmarks (speed, positions); their own options follow the name")
-    bench.add_argument("what", choices=["speed", "positions"])
+    bench = sub.add_parser("bench", help="benchmarks; their own options follow the name (see --help of each)")
+    bench.add_argument("what", choices=["quality", "speed", "online", "positions"])
     bench.add_argument("rest", nargs=argparse.REMAINDER)
     bench.set_defaults(func=cmd_bench)
     return parser

@@ -21,16 +21,22 @@ class CompactionEvent:
     payload_bytes_before: int
     payload_bytes_after: int
     seconds: float
+    queries: str | None = None  # reference query source used by the fit (None: the method needs none)
+    fit_output_error: float | None = None  # mean relative error of the fitted attention output
+    fit_mass_error: float | None = None  # mean relative error of the fitted attention mass
     notes: list[str] = field(default_factory=list)
 
     def as_dict(self) -> dict:
         return asdict(self)
 
     def receipt(self) -> str:
+        fit = ""
+        if self.fit_output_error is not None:
+            fit = f", fit error {self.fit_output_error:.3f} (output) / {self.fit_mass_error:.3f} (mass)"
         return (
             f"[agentmem] compacted ({self.reason}, {self.method}): {self.tokens_before:.0f} -> "
             f"{self.tokens_after:.0f} tokens, {self.payload_bytes_before / 2**20:.2f} -> "
-            f"{self.payload_bytes_after / 2**20:.2f} MiB payload, {self.seconds * 1e3:.0f} ms"
+            f"{self.payload_bytes_after / 2**20:.2f} MiB payload, {self.seconds * 1e3:.0f} ms{fit}"
         )
 
 

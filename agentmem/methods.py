@@ -1,16 +1,24 @@
-"""Compaction methods by name (the HOW that a policy's plan names)."""
+"""Compaction methods by name: the HOW that a policy's plans are executed with."""
 
 from __future__ import annotations
 
 from .baselines import WindowEviction
+from .compaction.am import AttentionMatching
 from .compaction.base import Method
 from .errors import UnknownPolicyError
 
-_METHODS: dict[str, Method] = {"window": WindowEviction()}
+_METHODS: dict[str, type] = {"window": WindowEviction, "am": AttentionMatching}
 
 
-def get_method(name: str) -> Method:
+def available_methods() -> list[str]:
+    return sorted(_METHODS)
+
+
+def make_method(name: str, **settings) -> Method:
     try:
-        return _METHODS[name]
+        cls = _METHODS[name]
     except KeyError:
-        raise UnknownPolicyError(f"unknown compaction method {name!r}; known: {', '.join(sorted(_METHODS))}") from None
+        raise UnknownPolicyError(
+            f"unknown compaction method {name!r}; known: {', '.join(available_methods())}"
+        ) from None
+    return cls(**settings)

@@ -1,55 +1,37 @@
-"""Policies decide WHEN to compact and WHAT span; compaction methods (compaction/, baselines/) decide HOW.
+"""Policies decide WHEN to compact and WHAT span; methods (compaction/, baselines/) decide HOW.
 
-A policy is asked for a :class:`CompactionPlan` when the next forward would not fit the byte
-budget (``plan_for_budget``) or when the user calls ``session.compact(ratio)`` (``plan_for_ratio``).
-A plan is a list of :class:`SpanRequest` -- "in layer l, replace slots [start_h, end_h) of each KV
-head h by at most target_h entries" -- plus the name of the method that computes the replacement.
+A policy is asked for a :class:`~agentmem.compaction.base.CompactionPlan` when the next forward
+would not fit the byte budget (``plan_for_budget``) or when the user calls
+``session.compact(ratio)`` (``plan_for_ratio``). It protects attention sinks, pinned token ranges
+(e.g. a system prompt) and, online, a recent window; everything else is compactable.
 
-Policies are selected by name (``resolve_policy("streaming")``), from a preset file in
-``policies/`` (JSON or TOML with a ``policy`` key), or from a config object.
+Policies are selected by name (``resolve_policy("am-halve")``), from a preset file (JSON or TOML,
+settings at the top level or under a ``policy`` key), or from a config object.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import tomllib
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+import torch
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
 from .cache import CompactedCache
+from .compaction.base import CompactionPlan, Method, SpanRequest
 from .errors import BudgetError, UnknownPolicyError
+from .layer_store import CacheLayer
+from .methods import make_method
 
-
-@dataclass
-class SpanRequest:
-    """Compact slots [starts[h], ends[h]) of each KV head h of one layer to at most targets[h] entries."""
-
-    layer: int
-    starts: list[int]
-    ends: list[int]
-    targets: list[int]
-
-    @property
-    def span_entries(self) -> int:
-        return sum(e - s for s, e in zip(self.starts, self.ends))
-
-
-@dataclass
-class CompactionPlan:
-    method: str
-    reason: str
-    requests: list[SpanRequest] = field(default_factory=list)
-
-    @property
-    def empty(self) -> bool:
-        return all(r.span_entries == 0 for r in self.requests)
+TokenRange = tuple[int, int]
+_MIN_RECENT = 8
 
 
 class WindowConfig(BaseModel):
-    """Attention sinks + a recent window (StreamingLLM); ``sinks=0`` is plain truncation.
+    """Attention sinks + a recent window (StreamingLLM); ``truncate`` is the same without sinks.
 
     When the budget fills, everything between the sinks and the recent window is dropped so that
     the cache falls back to ``fill_after`` of the tokens the budget holds (minus the incoming
@@ -64,116 +46,292 @@ class WindowConfig(BaseModel):
     fill_after: float = Field(default=0.75, gt=0.0, le=1.0)
 
 
-PolicyConfig = WindowConfig  # grows into a discriminated union as policies land
+class AMConfig(BaseModel):
+    """Attention Matching, halving: when the budget fills, every compactable span (all entries
+    between the protected sinks / pinned ranges and the exact recent window) is compacted to
+    ``ratio`` of its physical size. Re-compacting an already compacted span includes its beta.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: Literal["am-halve"] = "am-halve"
+    sinks: int = Field(default=4, ge=0)
+    recent: int = Field(
+        default=64, ge=0, description="exact recent window (tokens), never compacted online; at most 1/4 of the budget"
+    )
+    ratio: float = Field(default=0.5, gt=0.0, lt=1.0)
+    queries: Literal["recent", "context", "repeat-prefill", "self-study"] = Field(
+        default="recent", description="reference queries for online (budget) compaction"
+    )
+    offline_queries: Literal["recent", "context", "repeat-prefill", "self-study"] = Field(
+        default="repeat-prefill", description="reference queries for session.compact(ratio)"
+    )
+    on_policy_groups: int = Field(
+        default=1, ge=1, description="offline: recompute the queries this many times, layer group by group (1 = off)"
+    )
+    query_buffer: int = Field(default=128, ge=1, description="tokens kept by the recent/context query buffer")
+    query_cap: int = Field(default=8192, ge=1, description="reference queries per KV head for key selection")
+    fit_query_cap: int = Field(
+        default=512, ge=1, description="per chunk, the queries attending to it most that fit its beta and values"
+    )
+    selection: Literal["highest", "highest-max", "highest-mean", "omp"] = Field(
+        default="highest", description="key selection: highest attention (RMS / max / mean over queries) or OMP"
+    )
+    omp_step: int = Field(default=8, ge=1, description="keys added per refit in OMP (1 = plain OMP)")
+    chunk: int = Field(default=512, ge=8, description="long spans are compacted in independent chunks of this size")
+    ridge: float = Field(default=1.0, ge=0.0, description="value fit regularisation toward copied values")
+    beta_ridge: float = Field(default=1e-2, ge=0.0, description="beta fit regularisation toward one common weight")
+    beta_iters: int = Field(default=5, ge=0, description="projected-gradient steps of the beta fit")
+    fit_beta: bool = Field(default=True, description="False: beta = 0 (ablation)")
+    fit_values: bool = Field(default=True, description="False: copied values (ablation)")
+    span_selection: bool = Field(default=True, description="rank keys over a whole span, not chunk by chunk")
+    selection_dtype: Literal["auto", "bfloat16", "float32"] = Field(
+        default="auto", description="products used to rank keys (the fits are always fp32)"
+    )
+
+
+PolicyConfig = Annotated[WindowConfig | AMConfig, Field(discriminator="name")]
+_CONFIG_ADAPTER: TypeAdapter = TypeAdapter(PolicyConfig)
+
+
+def compactable_runs(layer: CacheLayer, protected: list[TokenRange], keep_recent: int) -> list[list[TokenRange]]:
+    """Per KV head, the maximal runs of slots that are neither protected nor in the recent window."""
+    lmax = layer.max_length
+    if lmax == 0:
+        return [[] for _ in range(layer.num_heads)]
+    tok = layer.tok[:, :lmax].to(torch.long)
+    free = layer.valid_mask()
+    for a, b in protected:
+        free &= ~((tok >= a) & (tok < b))
+    lengths = torch.tensor(layer.lengths, device=tok.device)
+    slot = torch.arange(lmax, device=tok.device)
+    free &= slot[None, :] < (lengths - keep_recent)[:, None]
+    runs = []
+    for row in free.cpu().tolist():
+        spans, start = [], None
+        for i, f in enumerate(row + [False]):
+            if f and start is None:
+                start = i
+            elif not f and start is not None:
+                spans.append((start, i))
+                start = None
+        runs.append(spans)
+    return runs
+
+
+def _protected_count(layer: CacheLayer, protected: list[TokenRange]) -> list[int]:
+    lmax = layer.max_length
+    if lmax == 0 or not protected:
+        return [0] * layer.num_heads
+    tok = layer.tok[:, :lmax].to(torch.long)
+    hit = torch.zeros_like(tok, dtype=torch.bool)
+    for a, b in protected:
+        hit |= (tok >= a) & (tok < b)
+    return (hit & layer.valid_mask()).sum(dim=1).tolist()
+
+
+def _split_target(runs: list[TokenRange], target: int) -> list[int]:
+    """Share ``target`` entries between runs in proportion to their lengths (largest remainder)."""
+    total = sum(e - s for s, e in runs)
+    if total == 0:
+        return [0] * len(runs)
+    target = max(0, min(target, total))
+    raw = [target * (e - s) / total for s, e in runs]
+    out = [int(math.floor(x)) for x in raw]
+    for i in sorted(range(len(runs)), key=lambda i: out[i] - raw[i])[: target - sum(out)]:
+        out[i] += 1
+    return out
 
 
 class Policy:
-    """Base policy over a :class:`CompactedCache`. Subclasses implement the two planning hooks."""
+    """Base policy: protection rules, plans for the budget and for an explicit ratio."""
 
     config: BaseModel
-    method: str
+    method: Method
 
     @property
     def name(self) -> str:
         return self.config.name
 
+    def sinks(self) -> int:
+        return getattr(self.config, "sinks", 0)
+
+    def protected(self, pinned: list[TokenRange]) -> list[TokenRange]:
+        sinks = self.sinks()
+        return ([(0, sinks)] if sinks else []) + list(pinned)
+
     def min_tokens(self, chunk: int) -> int:
-        """Fewest tokens per head the budget must hold to ingest chunks of ``chunk`` tokens."""
+        """Fewest tokens per head the budget must hold to read chunks of ``chunk`` tokens."""
         raise NotImplementedError
 
-    def plan_for_budget(self, cache: CompactedCache, incoming: int) -> CompactionPlan:
+    def plan_for_budget(self, cache: CompactedCache, incoming: int, pinned: list[TokenRange]) -> CompactionPlan:
         raise NotImplementedError
 
-    def plan_for_ratio(self, cache: CompactedCache, ratio: float) -> CompactionPlan:
-        raise NotImplementedError
+    def plan_for_ratio(self, cache: CompactedCache, ratio: float, pinned: list[TokenRange]) -> CompactionPlan:
+        """Every head ends with round(ratio * its length) entries; protected entries are kept exact."""
+        plan = CompactionPlan(reason="manual", queries=self._offline_queries())
+        protected = self.protected(pinned)
+        for idx, layer in enumerate(cache.layers):
+            runs = compactable_runs(layer, protected, self._ratio_recent(layer, ratio, protected))
+            heads = []
+            for h, head_runs in enumerate(runs):
+                keep = round(ratio * layer.lengths[h]) - (layer.lengths[h] - sum(e - s for s, e in head_runs))
+                targets = _split_target(head_runs, keep)
+                heads.append([(s, e, t) for (s, e), t in zip(head_runs, targets)])
+            plan.requests.append(SpanRequest(idx, heads))
+        return plan
 
-
-def _sink_count(layer, sinks: int) -> int:
-    """Slots at the start of every head that hold the first ``sinks`` tokens of the session."""
-    if sinks == 0 or layer.max_length == 0:
+    def _ratio_recent(self, layer: CacheLayer, ratio: float, protected: list[TokenRange]) -> int:
         return 0
-    head_tok = layer.tok[:, : min(sinks, layer.max_length)]
-    valid = layer.valid_mask()[:, : head_tok.shape[1]]
-    per_head = ((head_tok < sinks) & valid).sum(dim=1)
-    return int(per_head.min().item())
+
+    def _offline_queries(self) -> str | None:
+        return None
 
 
 class WindowPolicy(Policy):
-    """Keep the sinks and the most recent tokens; drop the middle (method ``window``)."""
-
-    method = "window"
+    """Keep the sinks (and pinned ranges) and the most recent tokens; drop the rest."""
 
     def __init__(self, config: WindowConfig | None = None):
         self.config = config or WindowConfig()
         if self.config.name == "truncate" and self.config.sinks:
             self.config = self.config.model_copy(update={"sinks": 0})
+        self.method = make_method("window")
 
     def min_tokens(self, chunk: int) -> int:
         return int((self.config.sinks + self.config.min_recent + chunk) / self.config.fill_after) + 1
 
-    def _plan(self, cache: CompactedCache, keep_recent: int, reason: str) -> CompactionPlan:
-        plan = CompactionPlan(method=self.method, reason=reason)
+    def _drop_all_but(self, cache, keep_recent: int, protected: list[TokenRange], reason: str) -> CompactionPlan:
+        plan = CompactionPlan(reason=reason)
         for idx, layer in enumerate(cache.layers):
-            sinks = _sink_count(layer, self.config.sinks)
-            starts, ends = [], []
-            for length in layer.lengths:
-                end = max(sinks, length - keep_recent)
-                starts.append(min(sinks, end))
-                ends.append(end)
-            plan.requests.append(SpanRequest(idx, starts, ends, [0] * layer.num_heads))
+            runs = compactable_runs(layer, protected, keep_recent)
+            plan.requests.append(SpanRequest(idx, [[(s, e, 0) for s, e in r] for r in runs]))
         return plan
 
-    def plan_for_budget(self, cache: CompactedCache, incoming: int) -> CompactionPlan:
-        target = int(self.config.fill_after * cache.max_tokens()) - incoming
-        keep_recent = target - self.config.sinks
+    def plan_for_budget(self, cache: CompactedCache, incoming: int, pinned: list[TokenRange]) -> CompactionPlan:
+        protected = self.protected(pinned)
+        n_protected = max(max(_protected_count(layer, protected)) for layer in cache.layers)
+        keep_recent = int(self.config.fill_after * cache.max_tokens()) - incoming - n_protected
         if keep_recent < self.config.min_recent:
             raise BudgetError(
                 f"the budget holds {cache.max_tokens()} tokens; policy {self.name!r} cannot make room for "
-                f"{incoming} new tokens with {self.config.sinks} sinks and a {self.config.min_recent}-token window"
+                f"{incoming} new tokens next to {n_protected} protected ones and a {self.config.min_recent}-token "
+                "window: raise max_kv_mb or pin less"
             )
-        return self._plan(cache, keep_recent, "budget")
+        return self._drop_all_but(cache, keep_recent, protected, "budget")
 
-    def plan_for_ratio(self, cache: CompactedCache, ratio: float) -> CompactionPlan:
-        longest = max(layer.max_length for layer in cache.layers)
-        keep_recent = max(0, int(round(ratio * longest)) - self.config.sinks)
-        return self._plan(cache, keep_recent, "manual")
+    def _ratio_recent(self, layer: CacheLayer, ratio: float, protected: list[TokenRange]) -> int:
+        n_protected = max(_protected_count(layer, protected))
+        return max(0, round(ratio * layer.max_length) - n_protected)
 
 
-_REGISTRY: dict[str, type[Policy]] = {"streaming": WindowPolicy, "truncate": WindowPolicy}
-_CONFIGS: dict[str, type[BaseModel]] = {"streaming": WindowConfig, "truncate": WindowConfig}
+class AMPolicy(Policy):
+    """Attention Matching, halving (see :class:`AMConfig`)."""
+
+    def __init__(self, config: AMConfig | None = None):
+        self.config = config or AMConfig()
+        c = self.config
+        self.method = make_method(
+            "am",
+            selection=c.selection,
+            omp_step=c.omp_step,
+            chunk=c.chunk,
+            query_cap=c.query_cap,
+            fit_query_cap=c.fit_query_cap,
+            ridge=c.ridge,
+            beta_ridge=c.beta_ridge,
+            beta_iters=c.beta_iters,
+            fit_beta=c.fit_beta,
+            fit_values=c.fit_values,
+            span_selection=c.span_selection,
+            selection_dtype=c.selection_dtype,
+        )
+
+    def min_tokens(self, chunk: int) -> int:
+        # sinks + recent window + a compacted span that can still shrink + the incoming chunk
+        return self.config.sinks + _MIN_RECENT + 16 + chunk + 1
+
+    def plan_for_budget(self, cache: CompactedCache, incoming: int, pinned: list[TokenRange]) -> CompactionPlan:
+        plan = CompactionPlan(reason="budget", queries=self.config.queries)
+        protected = self.protected(pinned)
+        # the exact recent window never takes more than a quarter of what the budget holds
+        recent = max(_MIN_RECENT, min(self.config.recent, cache.max_tokens() // 4))
+        ratio = self.config.ratio
+        for idx, layer in enumerate(cache.layers):
+            runs = compactable_runs(layer, protected, recent)
+            if layer.sliding_window is not None:
+                # a sliding-window layer only ever shows its newest entries: shrink it by dropping
+                # the oldest (what would leave the window first) instead of fitting what no query sees
+                heads = [[(s, s + int((1 - ratio) * (e - s)), 0) for s, e in r if e - s > 1] for r in runs]
+            else:
+                heads = [[(s, e, math.ceil(ratio * (e - s))) for s, e in r if e - s > 1] for r in runs]
+            plan.requests.append(SpanRequest(idx, heads))
+        if all(r.target_entries == r.span_entries for r in plan.requests):
+            raise BudgetError(
+                f"policy {self.name!r} has nothing left to compact: protected entries and the "
+                f"{recent}-token recent window fill the budget; raise max_kv_mb or pin less"
+            )
+        return plan
+
+    def plan_for_ratio(self, cache: CompactedCache, ratio: float, pinned: list[TokenRange]) -> CompactionPlan:
+        plan = super().plan_for_ratio(cache, ratio, pinned)
+        for request in plan.requests:
+            if cache.layers[request.layer].sliding_window is not None:  # drop the oldest, as above
+                request.heads = [[(s, s + (e - s - t), 0) for s, e, t in spans if e - s > t] for spans in request.heads]
+        return plan
+
+    def _offline_queries(self) -> str | None:
+        return self.config.offline_queries
+
+
+_POLICIES: dict[str, type[Policy]] = {"streaming": WindowPolicy, "truncate": WindowPolicy, "am-halve": AMPolicy}
+
+
+DEFAULT_POLICY = "am-halve"
+
+
+def preset_dir() -> Path:
+    """The policy presets shipped with agentmem (``policies/`` of the source tree / package data)."""
+    inside = Path(__file__).parent / "policies"
+    return inside if inside.is_dir() else Path(__file__).parent.parent / "policies"
 
 
 def available_policies() -> list[str]:
-    return sorted(_REGISTRY)
+    return sorted(_POLICIES)
+
+
+def available_presets() -> list[str]:
+    return sorted(p.stem for p in preset_dir().glob("*.toml"))
 
 
 def policy_from_config(config: BaseModel | dict) -> Policy:
     if isinstance(config, dict):
         name = config.get("name")
-        if name not in _CONFIGS:
+        if name not in _POLICIES:
             raise UnknownPolicyError(f"unknown policy {name!r}; known policies: {', '.join(available_policies())}")
         try:
-            config = _CONFIGS[name].model_validate(config)
+            config = _CONFIG_ADAPTER.validate_python(config)
         except ValidationError as exc:
             raise UnknownPolicyError(f"invalid settings for policy {name!r}: {exc}") from exc
     name = getattr(config, "name", None)
-    if name not in _REGISTRY:
+    if name not in _POLICIES:
         raise UnknownPolicyError(f"unknown policy {name!r}; known policies: {', '.join(available_policies())}")
-    return _REGISTRY[name](config)
+    return _POLICIES[name](config)
 
 
 def resolve_policy(policy: str | Path | BaseModel | dict | Policy | None) -> Policy:
     """A policy from a name, a preset file (JSON/TOML), a config object or dict, or a Policy instance."""
     if policy is None:
-        policy = "streaming"
+        policy = DEFAULT_POLICY
     if isinstance(policy, Policy):
         return policy
     if isinstance(policy, (BaseModel, dict)):
         return policy_from_config(policy)
     text = str(policy)
-    if text in _REGISTRY:
+    if text in _POLICIES:
         return policy_from_config({"name": text})
     path = Path(text)
+    if not path.suffix and (preset_dir() / f"{text}.toml").is_file():  # a preset shipped with agentmem
+        path = preset_dir() / f"{text}.toml"
     if path.suffix in (".json", ".toml"):
         if not path.is_file():
             raise UnknownPolicyError(f"policy preset {text!r} does not exist")
@@ -184,5 +342,6 @@ def resolve_policy(policy: str | Path | BaseModel | dict | Policy | None) -> Pol
             raise UnknownPolicyError(f"policy preset {text!r} is not valid {path.suffix[1:].upper()}: {exc}") from exc
         return policy_from_config(data.get("policy", data))
     raise UnknownPolicyError(
-        f"unknown policy {text!r}; known policies: {', '.join(available_policies())} (or a .json/.toml preset)"
+        f"unknown policy {text!r}; known policies: {', '.join(available_policies())}; presets: "
+        f"{', '.join(available_presets())} (or a .json/.toml file)"
     )

@@ -127,5 +127,7 @@ def _rebase(cache: CompactedCache) -> int:
             shift = torch.full((layer.num_heads, lmax), -delta, dtype=torch.int64, device=layer.device)
             layer.rotate(shift, cache.spec.inv_freq[idx])
             layer.refresh_meta()
+    if cache.query_buffer is not None:  # buffered queries follow the keys
+        cache.query_buffer.rotate(-delta, cache.spec.inv_freq)
     cache.position_offset += delta
     return delta

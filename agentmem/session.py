@@ -15,23 +15,19 @@ from __future__ import annotations
 
 import copy
 import logging
-import math
 import threading
 import time
-from array import array
 from collections.abc import Iterator, Sequence
 
 import torch
 
-from . import positions
 from .cache import CompactedCache
-from .compaction.driver import execute_plan
-from .errors import AgentMemError, BudgetError
+from .engine import Engine
+from .errors import AgentMemError, BudgetError, UnknownPolicyError
 from .events import CompactionEvent, GenerationResult, GenerationStats, SessionStats, StreamEvent
-from .methods import get_method
 from .models import LoadedModel, load_model, wrap_model
 from .policy import Policy, resolve_policy
-from .positions import PositionConfig
+from .positions import PositionConfig, maintain_is_noop
 from .textstream import IncrementalDetokenizer, find_stop
 
 log = logging.getLogger(__name__)
@@ -46,7 +42,8 @@ class AgentSession:
         model: ``"smollm2-135m"`` (default), ``"gemma3-270m"``, a local HF directory, a ``.gguf``
             file, a :class:`~agentmem.models.LoadedModel`, or a transformers model (pass ``tokenizer``).
         max_kv_mb: KV budget in MiB (2**20 bytes); None = unbounded.
-        policy: a policy name (``"streaming"``, ``"truncate"``), a preset file, a config or a Policy.
+        policy: a policy name (``"am-halve"``, the default; ``"streaming"``, ``"truncate"``), a preset
+            file, a config or a Policy.
         device / dtype: ``"cpu"``, ``"cuda"``, ``"auto"``; dtype defaults to fp32 on CPU, bf16 on CUDA.
         chunk_tokens: longest chunk run through the model at once while reading (capped by the budget).
         positions: how positions stay in range for endless runs (:class:`PositionConfig`).
@@ -78,27 +75,18 @@ class AgentSession:
             self._loaded = load_model(model, device=device, dtype=dtype)
         if self._loaded.tokenizer is None:
             raise ValueError("a tokenizer is required: pass tokenizer= along with a transformers model")
-        self.policy: Policy = resolve_policy(policy)
-        self._method = get_method(self.policy.method)
-        self.positions = (
-            positions if isinstance(positions, PositionConfig) else PositionConfig.model_validate(positions or {})
-        )
         self.max_kv_bytes = None if max_kv_mb is None else int(max_kv_mb * MiB)
-        self.cache = CompactedCache(self.spec, self._loaded.dtype, self._loaded.device, self.max_kv_bytes)
-        cap = self.cache.max_tokens()
-        self.chunk_tokens = max(1, min(chunk_tokens, cap // 4))
-        need = self.policy.min_tokens(1)
-        if cap < need:
-            raise BudgetError(
-                f"max_kv_mb={max_kv_mb} holds {cap} tokens of {self.spec.name} "
-                f"({self.cache.bytes_per_token()} bytes each); policy {self.policy.name!r} needs at least "
-                f"{need}: use max_kv_mb >= {math.ceil(self.cache.bytes_for_tokens(need) / MiB * 100) / 100:.2f}"
-            )
-        self.compactions: list[CompactionEvent] = []
+        self.engine = Engine(
+            self._loaded,
+            resolve_policy(policy),
+            positions if isinstance(positions, PositionConfig) else PositionConfig.model_validate(positions or {}),
+            self.max_kv_bytes,
+            chunk_tokens,
+            seed,
+        )
         self.messages: list[dict] = []  # chat history (role/content) seen through chat() / append(role=...)
         self._chat_text = ""  # the chat-rendered text actually read, to extend turn by turn
         self._pending: list[int] = []
-        self.transcript_ids = array("i")  # every token read or sampled, in order (compaction never touches it)
         self._started = False  # whether the first token (and BOS) has been read
         self._generator = torch.Generator(device="cpu").manual_seed(seed)
         self._lock = threading.RLock()
@@ -115,6 +103,37 @@ class AgentSession:
     @property
     def spec(self):
         return self._loaded.spec
+
+    @property
+    def cache(self) -> CompactedCache:
+        return self.engine.cache
+
+    @property
+    def policy(self) -> Policy:
+        return self.engine.policy
+
+    @policy.setter
+    def policy(self, policy) -> None:
+        self.engine.policy = resolve_policy(policy)
+
+    @property
+    def positions(self) -> PositionConfig:
+        return self.engine.positions
+
+    @property
+    def compactions(self) -> list[CompactionEvent]:
+        """Every compaction applied to this session's memory, oldest first."""
+        return self.engine.compactions
+
+    @property
+    def pinned(self) -> list[tuple[int, int]]:
+        """Token ranges (transcript indices) that no policy may compact."""
+        return self.engine.pinned
+
+    @property
+    def transcript_ids(self):
+        """Every token read or sampled, in order (compaction never touches it)."""
+        return self.engine.transcript_ids
 
     @property
     def stats(self) -> SessionStats:
@@ -142,69 +161,6 @@ class AgentSession:
         add_special = not self._started and not chat
         return list(self.tokenizer(text, add_special_tokens=add_special)["input_ids"])
 
-    def _make_room(self, cache: CompactedCache, n: int, record: list[CompactionEvent] | None) -> None:
-        """Ensure n more tokens fit: trim dead sliding-window entries, fix positions, compact if needed."""
-        cache.trim_sliding(n)
-        positions.maintain(cache, n, self.positions)
-        if cache.fits(n):
-            cache.reserve(n)
-            return
-        cache.trim_sliding(n, min_dead=0)
-        if not cache.fits(n):
-            plan = self.policy.plan_for_budget(cache, n)
-            event = execute_plan(cache, plan, self._method, self.policy.name)
-            if record is not None:
-                record.append(event)
-            if not cache.fits(n):
-                raise BudgetError(
-                    f"policy {self.policy.name!r} could not make room for {n} tokens within "
-                    f"{cache.max_bytes / MiB:.2f} MiB; raise max_kv_mb or lower chunk_tokens"
-                )
-        cache.reserve(n)
-
-    def _run(
-        self,
-        cache: CompactedCache,
-        ids: Sequence[int],
-        keep: str,
-        record: list[CompactionEvent] | None,
-    ) -> torch.Tensor | None:
-        """Run tokens through the model in budget-sized chunks.
-
-        keep: "none", "last" (logits of the last token, (V,)) or "all" ((len(ids), V)), fp32.
-        """
-        out: list[torch.Tensor] = []
-        last = None
-        for start in range(0, len(ids), self.chunk_tokens):
-            chunk = list(ids[start : start + self.chunk_tokens])
-            n = len(chunk)
-            self._make_room(cache, n, record)
-            snapshot = cache.snapshot_lengths()
-            position_ids = cache.begin_forward(n)
-            input_ids = torch.tensor([chunk], dtype=torch.long, device=self._loaded.device)
-            final = start + n >= len(ids)
-            try:
-                with torch.inference_mode():
-                    result = self.model(
-                        input_ids=input_ids,
-                        position_ids=position_ids,
-                        past_key_values=cache,
-                        use_cache=True,
-                        agentmem_cache=cache,
-                        logits_to_keep=0 if keep == "all" else 1,
-                    )
-            except BaseException:
-                cache.rollback(snapshot)  # a failed forward leaves the cache as it was
-                raise
-            cache.commit_forward(n)
-            if keep == "all":
-                out.append(result.logits[0].float())
-            elif final and keep == "last":
-                last = result.logits[0, -1].float()
-        if keep == "all":
-            return torch.cat(out, dim=0) if out else None
-        return last
-
     def _read(self, ids: list[int], record: list[CompactionEvent]) -> torch.Tensor | None:
         """Accept tokens: run pending + all but the last; the last becomes pending."""
         if not ids:
@@ -212,21 +168,22 @@ class AgentSession:
         todo = self._pending + ids
         self._started = True
         self.transcript_ids.extend(ids)
-        logits = self._run(self.cache, todo[:-1], "none", record) if len(todo) > 1 else None
+        logits = self.engine.run(self.cache, todo[:-1], "none", record) if len(todo) > 1 else None
         self._pending = todo[-1:]
         return logits
 
     def _step_pending(self, record: list[CompactionEvent]) -> torch.Tensor:
         """Run the pending token(s) and return the next-token logits."""
-        logits = self._run(self.cache, self._pending, "last", record)
+        logits = self.engine.run(self.cache, self._pending, "last", record)
         self._pending = []
         return logits
 
     # ------------------------------------------------------------------ public: reading
-    def append(self, text: str, role: str | None = None) -> None:
+    def append(self, text: str, role: str | None = None, pin: bool = False) -> None:
         """Read text into memory. ``role`` ("user", "system", "tool", ...) wraps it in the chat template.
 
         Long inputs are run in chunks; the policy compacts between chunks so the budget holds.
+        ``pin=True`` keeps this text exact forever (no policy compacts it), e.g. a system prompt.
         """
         if not isinstance(text, str):
             raise TypeError(f"text must be a str, not {type(text).__name__}")
@@ -235,7 +192,43 @@ class AgentSession:
                 ids = self._encode(text)
             else:
                 ids = self._chat_ids([{"role": role, "content": text}], add_generation_prompt=False)
+            if pin and ids:
+                start = len(self.transcript_ids)
+                self.pinned.append((start, start + len(ids)))
             self._read(ids, self.compactions)
+
+    def append_tokens(self, ids: Sequence[int], pin: bool = False) -> None:
+        """Read token ids as they are (no tokenization); see :meth:`append`."""
+        ids = [int(i) for i in ids]
+        vocab = self.model.get_input_embeddings().num_embeddings
+        if any(not 0 <= i < vocab for i in ids):
+            raise ValueError(f"token ids must be in [0, {vocab})")
+        with self._lock:
+            if pin and ids:
+                start = len(self.transcript_ids)
+                self.pinned.append((start, start + len(ids)))
+            self._read(ids, self.compactions)
+
+    def next_logits(self) -> torch.Tensor:
+        """Run what is pending and return the next-token logits (V,) fp32: a hook for custom samplers.
+
+        Follow it with ``append_tokens([token])`` to accept the chosen token.
+        """
+        with self._lock:
+            if not self._pending:
+                raise ValueError("nothing pending: read text (append) or accept a token first")
+            return self._step_pending(self.compactions)
+
+    def fork(self) -> AgentSession:
+        """An independent session with a copy of this one's memory, sharing the model weights."""
+        with self._lock:
+            other = copy.copy(self)
+            other.engine = self.engine.fork()
+            other.messages = copy.deepcopy(self.messages)
+            other._pending = list(self._pending)
+            other._generator = torch.Generator(device="cpu").set_state(self._generator.get_state())
+            other._lock = threading.RLock()
+            return other
 
     def _chat_ids(self, messages: list[dict], add_generation_prompt: bool) -> list[int]:
         for m in messages:
@@ -307,7 +300,7 @@ class AgentSession:
             if max_new_tokens > 0:  # read the prompt and predict in one pass
                 todo, self._pending, self._started = self._pending + ids, [], True
                 self.transcript_ids.extend(ids)
-                logits = self._run(self.cache, todo, "last", self.compactions)
+                logits = self.engine.run(self.cache, todo, "last", self.compactions)
             else:
                 self._read(ids, self.compactions)
             prefill = time.perf_counter() - t0
@@ -437,19 +430,25 @@ class AgentSession:
         self._chat_text += generated
 
     # ------------------------------------------------------------------ public: scoring
-    def score(self, text: str, prefix: str = "") -> ScoreResult:
+    def score(
+        self, text: str | Sequence[int], prefix: str | Sequence[int] = "", return_logits: bool = False
+    ) -> ScoreResult:
         """Mean NLL per token of ``text`` read after the current memory and ``prefix``; no side effects.
 
         If the session is empty and there is no prefix, the first token of ``text`` is context only.
+        ``text`` and ``prefix`` may be strings or token ids. ``return_logits`` also returns the fp32
+        next-token logits that predicted each scored token.
+        Text that fits the free budget is scored in place and rolled back; longer text is scored on
+        a scratch copy of the cache (which may compact; the session never sees it).
         """
-        if not isinstance(text, str) or not text:
-            raise ValueError("text to score must be a non-empty str")
+        if not text:
+            raise ValueError("text to score must be non-empty (a str or token ids)")
         with self._lock:
             started = self._started
-            ctx = self._pending + (self._encode(prefix) if prefix else [])
+            ctx = self._pending + (self._encode(prefix) if isinstance(prefix, str) and prefix else list(prefix))
             if prefix:
                 self._started = True
-            target = self._encode(text)
+            target = self._encode(text) if isinstance(text, str) else [int(i) for i in text]
             self._started = started
             if not ctx:
                 ctx, target = target[:1], target[1:]
@@ -457,31 +456,40 @@ class AgentSession:
                     raise ValueError("text has a single token and nothing precedes it: nothing to score")
             ids = ctx + target
             cache = self.cache
-            snapshot = None
-            in_place = cache.fits(len(ids)) and positions.maintain_is_noop(cache, len(ids), self.positions)
-            if in_place:
-                snapshot = (cache.snapshot_lengths(), cache.logical_length)
+            if cache.fits(len(ids)) and maintain_is_noop(cache, len(ids), self.positions):
+                with self.engine.scratch(cache):
+                    logits = self.engine.run(cache, ids, "all", None)
             else:
-                cache = cache.clone()
-            try:
-                logits = self._run(cache, ids, "all", None)
-            finally:
-                if snapshot is not None:
-                    cache.rollback(snapshot[0])
-                    cache.logical_length = snapshot[1]
+                logits = self.engine.run(cache.clone(), ids, "all", None)
             pred = logits[len(ctx) - 1 : len(ids) - 1]
             tgt = torch.tensor(target, device=pred.device)
             nll = torch.nn.functional.cross_entropy(pred, tgt, reduction="none")
-            return ScoreResult(nll=float(nll.mean().item()), tokens=len(target), token_nll=nll.cpu().tolist())
+            return ScoreResult(
+                nll=float(nll.mean().item()),
+                tokens=len(target),
+                token_nll=nll.cpu().tolist(),
+                logits=pred if return_logits else None,
+            )
 
     # ------------------------------------------------------------------ public: compaction
-    def compact(self, ratio: float) -> CompactionEvent:
-        """Compact what is in memory now to ``ratio`` of its physical size, with the session's policy."""
+    def compact(self, ratio: float, method: str | None = None, queries: str | None = None) -> CompactionEvent:
+        """Compact what is in memory now to ``ratio`` of its physical size.
+
+        ``method``: None (the policy's own), ``"am"`` (Attention Matching) or ``"window"``;
+        ``queries`` (AM): ``"repeat-prefill"`` (the default offline), ``"recent"``, ``"context"``,
+        ``"self-study"``. Sinks and pinned ranges stay exact. Spare capacity is released afterwards.
+        """
         if not 0 < ratio <= 1:
             raise ValueError(f"ratio must be in (0, 1] (got {ratio})")
+        planner = self.policy
+        if method is not None and method != planner.method.name:
+            if method not in ("am", "window"):
+                raise UnknownPolicyError(f"unknown compaction method {method!r}; use 'am' or 'window'")
+            planner = resolve_policy("am-halve" if method == "am" else "streaming")
         with self._lock:
-            plan = self.policy.plan_for_ratio(self.cache, ratio)
-            event = execute_plan(self.cache, plan, self._method, self.policy.name)
+            plan = planner.plan_for_ratio(self.cache, ratio, self.pinned)
+            groups = getattr(planner.config, "on_policy_groups", 1)
+            event = self.engine.execute(self.cache, plan, planner.method, queries, groups)
             self.cache.shrink_to_fit()
             event.kv_bytes_after = self.cache.kv_bytes
             self.compactions.append(event)
@@ -498,12 +506,13 @@ def _check_generation_args(max_new_tokens, temperature, top_p) -> None:
 
 
 class ScoreResult:
-    """``nll``: mean negative log-likelihood (nats/token) of the scored text; ``token_nll`` per token."""
+    """``nll``: mean negative log-likelihood (nats/token) of the scored text; ``token_nll`` per token;
+    ``logits`` (tokens, vocab) fp32 when asked for."""
 
-    __slots__ = ("nll", "tokens", "token_nll")
+    __slots__ = ("nll", "tokens", "token_nll", "logits")
 
-    def __init__(self, nll: float, tokens: int, token_nll: list[float]):
-        self.nll, self.tokens, self.token_nll = nll, tokens, token_nll
+    def __init__(self, nll: float, tokens: int, token_nll: list[float], logits: torch.Tensor | None = None):
+        self.nll, self.tokens, self.token_nll, self.logits = nll, tokens, token_nll, logits
 
     def __repr__(self) -> str:
         return f"ScoreResult(nll={self.nll:.4f}, tokens={self.tokens})"

@@ -7,13 +7,13 @@ import math
 import torch
 
 from agentmem import AgentSession
-from agentmem.cache import Block
+from agentmem.layer_store import Block
 from tests.conftest import TEXT
 
 
 def read_all(session: AgentSession, ids: list[int]) -> None:
     """Put every token of ids into the cache (nothing pending)."""
-    session._run(session.cache, ids, "none", session.compactions)
+    session.engine.run(session.cache, ids, "none", session.compactions)
 
 
 def reference_logits(model, ids: list[int], hidden: set[tuple[int, int]]) -> torch.Tensor:
@@ -43,7 +43,7 @@ def test_evicting_keys_equals_masked_recompute(tiny, tokenizer):
     for layer in range(len(session.cache.layers)):
         if session.cache.layers[layer].max_length >= 13:  # sliding layers hold all 30 here (window 16 > trim batch)
             session.cache.evict_all_heads(layer, 5, 13)
-    got = session._run(session.cache, new, "all", None)
+    got = session.engine.run(session.cache, new, "all", None)
     hidden = {(q, k) for q in range(30, 36) for k in evicted}
     expected = reference_logits(ref, prefix + new, hidden)[30:]
     torch.testing.assert_close(got, expected, atol=2e-4, rtol=1e-4)
@@ -74,8 +74,8 @@ def test_beta_log_k_equals_k_copies(tiny, tokenizer):
         la.refresh_meta()
         _insert_copies(lb, slot, k - 1)
     assert all(layer.has_bias for layer in a.cache.layers)
-    got = a._run(a.cache, new, "all", None)
-    expected = b._run(b.cache, new, "all", None)
+    got = a.engine.run(a.cache, new, "all", None)
+    expected = b.engine.run(b.cache, new, "all", None)
     torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
 
 
@@ -88,18 +88,18 @@ def test_uneven_heads_padding_is_invisible(tiny_llama, tokenizer):
     read_all(a, prefix)
     cache = a.cache
     for idx, layer in enumerate(cache.layers):
-        spans = [(4, 9, None), (0, 0, None)]  # head 0 loses 5 keys, head 1 keeps all
+        spans = [[(4, 9, None)], []]  # head 0 loses 5 keys, head 1 keeps all
         cache.replace_spans(idx, spans)
         assert layer.lengths == [19, 24] and layer.has_bias
         assert torch.isinf(layer.beta[0, 19:24]).all()
-    got = a._run(cache, new, "all", None)
+    got = a.engine.run(cache, new, "all", None)
     # reference: the same effect through beta = -inf on the evicted keys of head 0 in an untouched cache
     b = AgentSession(model=loaded, max_kv_mb=None)
     read_all(b, prefix)
     for layer in b.cache.layers:
         layer.beta[0, 4:9] = -math.inf
         layer.refresh_meta()
-    expected = b._run(b.cache, new, "all", None)
+    expected = b.engine.run(b.cache, new, "all", None)
     torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
 
 
@@ -114,8 +114,8 @@ def test_decode_and_prefill_paths_agree_with_bias(tiny_llama, tokenizer):
         for layer in s.cache.layers:
             layer.beta[:, 2:6] = torch.linspace(-1.0, 1.0, 4)
             layer.refresh_meta()
-    together = sessions[0]._run(sessions[0].cache, new, "all", None)
-    one_by_one = torch.cat([sessions[1]._run(sessions[1].cache, [t], "all", None) for t in new])
+    together = sessions[0].engine.run(sessions[0].cache, new, "all", None)
+    one_by_one = torch.cat([sessions[1].engine.run(sessions[1].cache, [t], "all", None) for t in new])
     torch.testing.assert_close(together, one_by_one, atol=1e-4, rtol=1e-4)
 
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from agentmem import AgentSession, CompactionError
-from agentmem.cache import META_BYTES_PER_SLOT, Block
+from agentmem.layer_store import META_BYTES_PER_SLOT, Block
 from tests.conftest import TEXT
 from tests.test_attention import read_all
 
@@ -49,7 +49,7 @@ def test_growth_is_amortised(tiny_llama, tokenizer):
 
 def test_budget_bounds_capacity_growth(tiny_llama, tokenizer):
     _, loaded = tiny_llama
-    s = AgentSession(model=loaded, max_kv_mb=0.05)
+    s = AgentSession(model=loaded, max_kv_mb=0.05, policy="streaming")
     limit = s.cache.max_tokens()
     ids = tokenizer(TEXT * 10)["input_ids"]
     s.append(tokenizer.decode(ids))
@@ -68,11 +68,11 @@ def test_failed_replacement_leaves_cache_untouched(tiny_llama, tokenizer):
     bad = Block(torch.full((2, d), math.nan), torch.zeros(2, d), torch.zeros(2), torch.zeros(2), torch.zeros(2))
     good = Block(torch.zeros(2, d), torch.zeros(2, d), torch.zeros(2), torch.zeros(2), torch.zeros(2))
     with pytest.raises(CompactionError, match="non-finite keys"):
-        cache.replace_spans(0, [(2, 8, good), (2, 8, bad)])
+        cache.replace_spans(0, [[(2, 8, good)], [(2, 8, bad)]])
     with pytest.raises(CompactionError, match="outside"):
-        cache.validate_spans([(0, [(2, 8, good), (2, 8, good)]), (1, [(2, 99, None), (0, 0, None)])])
+        cache.validate_spans([(0, [[(2, 8, good)], [(2, 8, good)]]), (1, [[(2, 99, None)], [(0, 0, None)]])])
     with pytest.raises(CompactionError, match="replaces only"):
-        cache.replace_spans(0, [(2, 3, good), (2, 8, good)])
+        cache.replace_spans(0, [[(2, 3, good)], [(2, 8, good)]])
     for layer, (k, beta, lens) in zip(cache.layers, before):
         assert torch.equal(layer.keys, k) and torch.equal(layer.beta, beta) and layer.lengths == lens
 

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from agentmem.compaction.fit import attention_match, block_scores, mass_and_output
+from agentmem.compaction.fit import attention_match, block_scores, key_scores, span_key_scores
 
 SCALE = 1 / math.sqrt(16)
 
@@ -117,9 +117,15 @@ def test_too_few_keys_is_an_error():
         attention_match(q, k, v, t=4, scale=SCALE, bias=bias)
 
 
-def test_mass_and_output_definitions():
-    q, k, v = synthetic(b=1, n=4, T=6)
-    s = block_scores(q, k, SCALE)
-    e, m, o = mass_and_output(s, v)
-    torch.testing.assert_close(o, torch.softmax(s, -1) @ v)
-    torch.testing.assert_close(m, torch.exp(s - s.amax(-1, keepdim=True)).sum(-1))
+def test_span_scores_match_one_softmax_over_the_span():
+    """Chunked span-wide scores equal the scores of one softmax over all keys."""
+    q, k, v = synthetic(b=2, n=16, T=40)
+    bias = torch.randn(2, 40)
+    bias[1, 35:] = float("-inf")
+    s = block_scores(q, k, SCALE, bias)
+    want = key_scores(torch.softmax(s, -1), "rms").masked_fill(~torch.isfinite(bias), -1.0)
+    for reduce in ("rms", "max", "mean"):
+        got = span_key_scores(q, k, SCALE, bias, reduce, chunk=7)
+        ref = key_scores(torch.softmax(s, -1), reduce).masked_fill(~torch.isfinite(bias), -1.0)
+        torch.testing.assert_close(got, ref, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(span_key_scores(q, k, SCALE, bias, "rms", chunk=40), want, atol=1e-6, rtol=1e-5)

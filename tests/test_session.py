@@ -11,7 +11,7 @@ from tests.conftest import TEXT
 
 def test_generation_under_budget_compacts_and_keeps_going(tiny, tokenizer):
     _, loaded = tiny
-    s = AgentSession(model=loaded, max_kv_mb=0.06)
+    s = AgentSession(model=loaded, max_kv_mb=0.06, policy="streaming")
     peaks = []
     compactions = 0
     for ev in s.stream(TEXT, max_new_tokens=300):
@@ -25,9 +25,10 @@ def test_generation_under_budget_compacts_and_keeps_going(tiny, tokenizer):
     assert st.compactions[0].reason == "budget" and st.compactions[0].method == "window"
 
 
-def test_long_input_is_ingested_within_budget(tiny, tokenizer):
+@pytest.mark.parametrize("policy", ["streaming", "am-halve"])
+def test_long_input_is_ingested_within_budget(tiny, tokenizer, policy):
     _, loaded = tiny
-    s = AgentSession(model=loaded, max_kv_mb=0.06)
+    s = AgentSession(model=loaded, max_kv_mb=0.06, policy=policy)
     s.append(TEXT * 40)  # ~1,600 tokens into a ~40-token budget
     st = s.stats
     assert st.peak_kv_bytes <= st.max_kv_bytes
@@ -37,7 +38,7 @@ def test_long_input_is_ingested_within_budget(tiny, tokenizer):
 
 def test_sinks_survive_compaction(tiny_llama, tokenizer):
     _, loaded = tiny_llama
-    s = AgentSession(model=loaded, max_kv_mb=0.06)
+    s = AgentSession(model=loaded, max_kv_mb=0.06, policy="streaming")
     s.append(TEXT * 10)
     for layer in s.cache.layers:
         assert layer.tok[:, :4].tolist() == [[0, 1, 2, 3]] * layer.num_heads
@@ -57,8 +58,8 @@ def test_score_does_not_change_the_session(tiny_llama, tokenizer):
     assert s.cache.snapshot_lengths() == before.snapshot_lengths()
     assert s.cache.logical_length == before.logical_length
     # the next-token distribution is exactly what it was
-    a = s._run(s.cache.clone(), s._pending, "last", None)
-    b = s._run(before, s._pending, "last", None)
+    a = s.engine.run(s.cache.clone(), s._pending, "last", None)
+    b = s.engine.run(before, s._pending, "last", None)
     torch.testing.assert_close(a, b, atol=0, rtol=0)
 
 
@@ -76,7 +77,7 @@ def test_score_matches_a_direct_forward(tiny_llama, tokenizer):
 
 def test_score_longer_than_budget_uses_a_scratch_copy(tiny_llama, tokenizer):
     _, loaded = tiny_llama
-    s = AgentSession(model=loaded, max_kv_mb=0.06)
+    s = AgentSession(model=loaded, max_kv_mb=0.06, policy="streaming")
     s.append(TEXT)
     lengths, events = s.cache.snapshot_lengths(), len(s.compactions)
     r = s.score(TEXT * 5)
@@ -131,7 +132,7 @@ def test_chat_uses_the_template_incrementally(tiny_llama, tokenizer):
 
 def test_compact_on_demand(tiny_llama, tokenizer):
     _, loaded = tiny_llama
-    s = AgentSession(model=loaded, max_kv_mb=None)
+    s = AgentSession(model=loaded, max_kv_mb=None, policy="streaming")
     s.append(TEXT * 4)
     before = s.stats.physical_tokens
     ev = s.compact(0.25)
@@ -148,7 +149,7 @@ def test_bad_input_is_a_clear_error_and_the_session_survives(tiny_llama, tokeniz
         AgentSession(model=loaded, max_kv_mb=0)
     with pytest.raises(ModelNotFoundError, match="never downloads"):
         AgentSession(model="/no/such/model", max_kv_mb=1)
-    with pytest.raises(UnknownPolicyError, match="known policies: streaming, truncate"):
+    with pytest.raises(UnknownPolicyError, match="known policies: am-halve, streaming, truncate"):
         AgentSession(model=loaded, max_kv_mb=1, policy="magic")
     s = AgentSession(model=loaded, max_kv_mb=None)
     with pytest.raises(ValueError, match="nothing to continue"):
@@ -175,3 +176,22 @@ def test_truncate_policy_keeps_no_sinks(tiny_llama, tokenizer):
     s = AgentSession(model=loaded, max_kv_mb=0.06, policy="truncate")
     s.append(TEXT * 10)
     assert int(s.cache.layers[0].tok[0, 0]) > 10
+
+
+def test_presets_and_custom_sampling_hook(tiny_llama, tokenizer):
+    from agentmem.policy import available_presets
+
+    _, loaded = tiny_llama
+    assert {"am-fast", "am-quality", "streaming-wide"} <= set(available_presets())
+    s = AgentSession(model=loaded, max_kv_mb=None, policy="am-quality")
+    assert s.policy.config.on_policy_groups == 3
+    s.append(TEXT)
+    greedy = AgentSession(model=loaded, max_kv_mb=None).generate(TEXT, max_new_tokens=5).token_ids
+    picked = []
+    for _ in range(5):
+        logits = s.next_logits()
+        picked.append(int(logits.argmax()))
+        s.append_tokens(picked[-1:])
+    assert picked == greedy
+    with pytest.raises(ValueError, match="token ids"):
+        s.append_tokens([10**9])

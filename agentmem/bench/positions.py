@@ -49,7 +49,7 @@ def teacher_forced_nll(session: AgentSession, ids: list[int], chunk: int) -> lis
     for start in range(0, len(ids) - 1, chunk):
         part = ids[start : start + chunk]
         targets = ids[start + 1 : start + 1 + len(part)]
-        logits = session._run(cache, part, "all", session.compactions)[: len(targets)]
+        logits = session.engine.run(cache, part, "all", session.compactions)[: len(targets)]
         nll += torch.nn.functional.cross_entropy(
             logits, torch.tensor(targets, device=logits.device), reduction="none"
         ).tolist()
@@ -100,7 +100,7 @@ def run(tokens: int, max_kv_mb: float, model: str, segment: int, modes: list[str
 def to_markdown(data: dict, command: str) -> str:
     seg = data["segment"]
     n_seg = len(data["results"][0]["segments"])
-    head = " | ".join(f"{i * seg // 1000}-{min((i + 1) * seg, data['tokens']) // 1000}k" for i in range(n_seg))
+    head = " | ".join(f"{i * seg / 1000:g}-{min((i + 1) * seg, data['tokens']) / 1000:g}k" for i in range(n_seg))
     lines = [
         f"# Positions on a {data['tokens']:,}-token run",
         "",

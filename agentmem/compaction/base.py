@@ -1,20 +1,68 @@
-"""The narrow interface every compaction method implements (Attention Matching and the baselines)."""
+"""The vocabulary between policies (WHAT to compact) and methods (HOW): plans, requests, reports.
+
+A :class:`CompactionPlan` lists :class:`SpanRequest` s -- "in layer l, replace each of these slot
+spans of KV head h by at most ``target`` entries" -- and names a method. A :class:`Method`
+computes the replacements without touching the cache; the driver validates and applies them.
+"""
 
 from __future__ import annotations
 
-from typing import Protocol
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Protocol
 
-from ..cache import Block, CompactedCache
-from ..policy import SpanRequest
+from ..layer_store import Block
 
-Replacement = tuple[int, int, Block | None]  # (start, end, block) for one KV head; None deletes the span
+if TYPE_CHECKING:
+    from ..cache import CompactedCache
+    from .queries import QuerySet
+
+Replacement = tuple[int, int, Block | None]  # (start, end, block) of one head; None deletes the span
+
+
+@dataclass
+class SpanRequest:
+    """``heads[h]``: KV head h's spans as ascending, non-overlapping (start, end, target) slot ranges."""
+
+    layer: int
+    heads: list[list[tuple[int, int, int]]]
+
+    @property
+    def span_entries(self) -> int:
+        return sum(e - s for spans in self.heads for s, e, _ in spans)
+
+    @property
+    def target_entries(self) -> int:
+        return sum(t for spans in self.heads for _, _, t in spans)
+
+
+@dataclass
+class CompactionPlan:
+    reason: str
+    requests: list[SpanRequest] = field(default_factory=list)
+    queries: str | None = None  # the query source the method needs (None: it needs none)
+
+    @property
+    def empty(self) -> bool:
+        return all(r.span_entries == 0 for r in self.requests)
+
+
+@dataclass
+class CompactionReport:
+    """What a method says about its work: notes (fallbacks) and fit errors per fitted block."""
+
+    notes: list[str] = field(default_factory=list)
+    output_errors: list[float] = field(default_factory=list)
+    mass_errors: list[float] = field(default_factory=list)
 
 
 class Method(Protocol):
     """Computes the replacement of one layer's spans. Must not modify the cache."""
 
     name: str
+    needs_queries: bool
 
-    def compact(self, cache: CompactedCache, request: SpanRequest) -> list[Replacement]:
-        """One ``(start, end, block)`` per KV head, with ``len(block) <= request.targets[h]``."""
+    def compact(
+        self, cache: CompactedCache, request: SpanRequest, queries: QuerySet | None, report: CompactionReport
+    ) -> list[list[Replacement]]:
+        """Per KV head, one ``(start, end, block)`` for each requested span, ``len(block) <= target``."""
         ...

@@ -1,17 +1,20 @@
-"""Apply a :class:`~agentmem.policy.CompactionPlan` to a cache, atomically."""
+"""Apply a :class:`~agentmem.compaction.base.CompactionPlan` to a cache, atomically."""
 
 from __future__ import annotations
 
+import statistics
 import time
 
 from ..cache import CompactedCache
 from ..errors import CompactionError
 from ..events import CompactionEvent
-from ..policy import CompactionPlan
-from .base import Method, Replacement
+from .base import CompactionPlan, CompactionReport, Method, Replacement
+from .queries import QuerySet
 
 
-def execute_plan(cache: CompactedCache, plan: CompactionPlan, method: Method, policy: str) -> CompactionEvent:
+def execute_plan(
+    cache: CompactedCache, plan: CompactionPlan, method: Method, policy: str, queries: QuerySet | None = None
+) -> CompactionEvent:
     """Compute every layer's replacement first, then write them all.
 
     If the method fails (or returns a block that is too long or not finite) on any layer, nothing
@@ -19,33 +22,36 @@ def execute_plan(cache: CompactedCache, plan: CompactionPlan, method: Method, po
     """
     t0 = time.perf_counter()
     before = (cache.physical_tokens, cache.kv_bytes, cache.payload_bytes)
-    staged: list[tuple[int, list[Replacement]]] = []
+    report = CompactionReport()
+    staged: list[tuple[int, list[list[Replacement]]]] = []
     for request in plan.requests:
-        if request.span_entries == 0:
+        if request.span_entries == request.target_entries:
             continue
         try:
-            spans = method.compact(cache, request)
+            per_head = method.compact(cache, request, queries, report)
         except CompactionError:
             raise
         except Exception as exc:  # a numerical or shape failure inside the method
             raise CompactionError(f"{method.name} failed on layer {request.layer}: {exc}") from exc
-        for h, (_, _, block) in enumerate(spans):
-            if block is not None and len(block) > request.targets[h]:
-                raise CompactionError(
-                    f"{method.name} returned {len(block)} entries for layer {request.layer} head {h}, "
-                    f"target {request.targets[h]}"
-                )
-        staged.append((request.layer, spans))
+        for h, (spans, wanted) in enumerate(zip(per_head, request.heads)):
+            for (_, _, block), (_, _, target) in zip(spans, wanted):
+                if block is not None and len(block) > target:
+                    raise CompactionError(
+                        f"{method.name} returned {len(block)} entries for layer {request.layer} head {h}, "
+                        f"target {target}"
+                    )
+        staged.append((request.layer, per_head))
     cache.validate_spans(staged)
-    for layer_idx, spans in staged:
+    for layer_idx, per_head in staged:
+        single = [spans[0] if len(spans) == 1 else None for spans in per_head]
         if (
             cache.layers[layer_idx].even
-            and all(b is None for _, _, b in spans)
-            and len({(s, e) for s, e, _ in spans}) == 1
+            and all(s is not None and s[2] is None for s in single)
+            and len({(s[0], s[1]) for s in single}) == 1
         ):
-            cache.evict_all_heads(layer_idx, spans[0][0], spans[0][1])
+            cache.evict_all_heads(layer_idx, single[0][0], single[0][1])
         else:
-            cache.replace_spans(layer_idx, spans)
+            cache.replace_spans(layer_idx, per_head)
     return CompactionEvent(
         reason=plan.reason,
         policy=policy,
@@ -58,4 +64,8 @@ def execute_plan(cache: CompactedCache, plan: CompactionPlan, method: Method, po
         payload_bytes_before=before[2],
         payload_bytes_after=cache.payload_bytes,
         seconds=time.perf_counter() - t0,
+        queries=queries.source if queries is not None else None,
+        fit_output_error=statistics.fmean(report.output_errors) if report.output_errors else None,
+        fit_mass_error=statistics.fmean(report.mass_errors) if report.mass_errors else None,
+        notes=report.notes,
     )

@@ -7,8 +7,11 @@ reproduces both the attention *output* and the attention *mass* of the original 
 
     S = s Q K^T + b          (b: bias the block already carries, -inf on padding)
     E = exp(S - rowmax S)    m = E 1      O = E V / m          (mass and output of the block)
-    C_k = K[idx]             w = argmin_{lo <= w <= hi} |E[:, idx] w - m|^2,   beta = log w
+    C_k = K[idx]             w = argmin_{lo <= w <= hi} |(E[:, idx] w - m) / m|^2,   beta = log w
     P = softmax(s Q C_k^T + beta)          C_v = argmin |P C_v - O|^2 + lam |C_v - V[idx]|^2
+
+The mass is matched in relative terms (each query's residual divided by its own mass m), i.e. on
+the block's softmax weights E / m: the heaviest queries do not drown the others.
 
 Matching mass and output per block is what makes blocks composable: attention over the whole
 cache is a mass-weighted mixture of the blocks' outputs, so a block that keeps both leaves the
@@ -29,27 +32,27 @@ NEG_INF = float("-inf")
 
 def block_scores(q: torch.Tensor, k: torch.Tensor, scale: float, bias: torch.Tensor | None = None) -> torch.Tensor:
     """q (B, n, d), k (B, T, d), bias (B, T) -> logits S (B, n, T) in fp32."""
-    s = torch.matmul(q.float(), k.float().transpose(1, 2)) * scale
+    if q.dtype != torch.bfloat16:  # bf16 inputs (fast ranking) keep bf16 products, fp32 out
+        q, k = q.float(), k.float()
+    s = torch.bmm(q, k.transpose(1, 2)).float().mul_(scale)
     if bias is not None:
-        s = s + bias.float()[:, None, :]
+        s += bias.float()[:, None, :]
     return s
 
 
-def mass_and_output(s: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """S (B, n, T), v (B, T, d) -> E (B, n, T) = exp(S - rowmax), m (B, n) = E 1, O (B, n, d) = E v / m."""
-    e = torch.exp(s - s.amax(dim=-1, keepdim=True))
-    m = e.sum(dim=-1)
-    o = torch.matmul(e, v.float()) / m[..., None]
-    return e, m, o
+def key_scores(w: torch.Tensor, reduce: str, inplace: bool = False) -> torch.Tensor:
+    """Reduce softmax weights W (B, n, T) over queries to one score per key (B, T).
 
-
-def select_highest_attention(s: torch.Tensor, t: int) -> torch.Tensor:
-    """Top-t keys by the RMS over queries of their softmax weight. S (B, n, T) -> idx (B, t), ascending."""
-    w = torch.softmax(s, dim=-1)
-    score = w.pow(2).mean(dim=1).sqrt()  # (B, T); padded keys score 0
-    score = torch.where(torch.isfinite(s[:, 0, :]), score, torch.full_like(score, -1.0))
-    idx = torch.topk(score, t, dim=-1).indices
-    return torch.sort(idx, dim=-1).values
+    ``inplace`` lets the RMS square W in place (W is garbage afterwards; saves an n x T buffer).
+    """
+    if reduce == "rms":
+        sq = w.square_() if inplace else w * w
+        return sq.sum(dim=1).div_(w.shape[1]).sqrt_()
+    if reduce == "max":
+        return w.amax(dim=1)
+    if reduce == "mean":
+        return w.mean(dim=1)
+    raise ValueError(f"unknown score reduction {reduce!r}: use 'rms', 'max' or 'mean'")
 
 
 def _gather_cols(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
@@ -62,19 +65,28 @@ def _gather_rows(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     return torch.gather(x, 1, idx[..., None].expand(-1, -1, x.shape[-1]))
 
 
-def fit_mass(e_sel: torch.Tensor, m: torch.Tensor, lo: float, hi: torch.Tensor | float, iters: int = 8) -> torch.Tensor:
-    """Bounded least squares  min_{lo <= w <= hi} |E_sel w - m|^2.  E_sel (B, n, t), m (B, n) -> w (B, t).
+def fit_mass(
+    e_sel: torch.Tensor, m: torch.Tensor, lo: float, hi: torch.Tensor | float, iters: int = 100, ridge: float = 1e-4
+) -> torch.Tensor:
+    """Bounded least squares  min_{lo <= w <= hi} |E_sel w - m|^2 + lam |w - c|^2.
 
-    Normal equations in fp64 (jittered), clamped to the box, then projected-gradient steps with
-    step 1/L, L the largest eigenvalue of E_sel^T E_sel (power iteration).
+    E_sel (B, n, t), m (B, n) -> w (B, t) fp32. ``c`` is the best single common weight (what every
+    kept key would carry if they were interchangeable) and lam = ridge * mean eigenvalue: a light
+    pull that keeps ill-conditioned problems well-posed. Normal equations (products in fp32, the
+    solve in fp64), clamped to the box, then ``iters`` steps of accelerated projected gradient
+    (FISTA, step 1/L with L the largest eigenvalue from a power iteration).
     """
-    a = e_sel.double()
-    gram = a.transpose(1, 2) @ a  # (B, t, t)
-    rhs = (a.transpose(1, 2) @ m.double()[..., None]).squeeze(-1)  # (B, t)
+    a = e_sel.float()
+    gram = (a.transpose(1, 2) @ a).double()  # (B, t, t); entries of E are in [0, 1]: fp32 products are safe
+    rhs = (a.transpose(1, 2) @ m.float()[..., None]).squeeze(-1).double()  # (B, t)
     t = gram.shape[-1]
-    jitter = 1e-9 * gram.diagonal(dim1=1, dim2=2).mean(dim=-1).clamp_min(1e-30)
+    row = a.sum(dim=-1).double()  # (B, n) = E_sel 1
+    c = (row * m.double()).sum(-1) / (row * row).sum(-1).clamp_min(1e-30)  # (B,)
+    lam = ridge * gram.diagonal(dim1=1, dim2=2).mean(dim=-1).clamp_min(1e-30)  # (B,)
     eye = torch.eye(t, dtype=gram.dtype, device=gram.device)
-    w = torch.linalg.solve(gram + jitter[:, None, None] * eye, rhs)
+    gram = gram + lam[:, None, None] * eye
+    rhs = rhs + (lam * c)[:, None]
+    w = torch.linalg.solve(gram, rhs)
     w = torch.nan_to_num(w, nan=1.0, posinf=1.0, neginf=1.0)
     hi_t = torch.as_tensor(hi, dtype=w.dtype, device=w.device)
     if hi_t.dim() == 1:
@@ -85,10 +97,15 @@ def fit_mass(e_sel: torch.Tensor, m: torch.Tensor, lo: float, hi: torch.Tensor |
         for _ in range(12):
             x = gram @ x
             x = x / x.norm(dim=1, keepdim=True).clamp_min(1e-30)
-        lip = (x.transpose(1, 2) @ gram @ x).squeeze(-1).squeeze(-1).clamp_min(1e-30)  # (B,)
+        lip = (x.transpose(1, 2) @ gram @ x).squeeze(-1).squeeze(-1).clamp_min(1e-30)[:, None]  # (B, 1)
+        y, w_prev, mom = w, w, 1.0
         for _ in range(iters):
-            grad = (gram @ w[..., None]).squeeze(-1) - rhs
-            w = torch.minimum((w - grad / lip[:, None]).clamp_min(lo), hi_t)
+            grad = (gram @ y[..., None]).squeeze(-1) - rhs
+            w_next = torch.minimum((y - grad / lip).clamp_min(lo), hi_t)
+            mom_next = (1 + (1 + 4 * mom * mom) ** 0.5) / 2
+            y = w_next + ((mom - 1) / mom_next) * (w_next - w_prev)
+            w_prev, mom = w_next, mom_next
+        w = w_prev
     return w.float()
 
 
@@ -101,17 +118,22 @@ def fit_values(
     ok (B,) bool). Solved in fp64 in the primal (t x t) or dual (n x n) form, whichever is smaller.
     Rows whose solution is not finite, or whose norm explodes, get the prior and ok = False.
     """
-    p64, o64, v0 = p.double(), o.double(), prior.double()
-    resid = o64 - p64 @ v0  # (B, n, d)
-    n, t = p64.shape[1], p64.shape[2]
-    fro = p64.pow(2).sum(dim=(1, 2))  # trace(P^T P)
-    lam = (ridge * fro / t).clamp_min(1e-12 * fro.clamp_min(1e-30))[:, None, None]
+    p32, v0 = p.float(), prior.float()
+    resid = o.float() - p32 @ v0  # (B, n, d)
+    n, t = p32.shape[1], p32.shape[2]
+    # products in fp32 (P is a softmax, in [0, 1]); the solve in fp64
     if t <= n:
-        gram = p64.transpose(1, 2) @ p64 + lam * torch.eye(t, dtype=p64.dtype, device=p64.device)
-        delta = torch.linalg.solve(gram, p64.transpose(1, 2) @ resid)
+        gram = (p32.transpose(1, 2) @ p32).double()
+        rhs = (p32.transpose(1, 2) @ resid).double()
     else:
-        gram = p64 @ p64.transpose(1, 2) + lam * torch.eye(n, dtype=p64.dtype, device=p64.device)
-        delta = p64.transpose(1, 2) @ torch.linalg.solve(gram, resid)
+        gram = (p32 @ p32.transpose(1, 2)).double()
+        rhs = resid.double()
+    fro = gram.diagonal(dim1=1, dim2=2).sum(dim=-1)  # trace(P^T P) = trace(P P^T)
+    lam = (ridge * fro / t).clamp_min(1e-12 * fro.clamp_min(1e-30))[:, None, None]
+    eye = torch.eye(gram.shape[-1], dtype=gram.dtype, device=gram.device)
+    sol = torch.linalg.solve(gram + lam * eye, rhs)
+    delta = sol if t <= n else p32.double().transpose(1, 2) @ sol
+    v0 = v0.double()
     c = v0 + delta
     scale = prior.abs().amax(dim=(1, 2)).double().clamp_min(1e-6)
     ok = torch.isfinite(c).all(dim=(1, 2)) & (c.abs().amax(dim=(1, 2)) <= 1e3 * scale)
@@ -171,6 +193,33 @@ def select_omp(
     return torch.sort(idx, dim=-1).values
 
 
+REDUCTIONS = {"highest": "rms", "highest-max": "max", "highest-mean": "mean"}
+
+
+def span_key_scores(
+    q: torch.Tensor, k: torch.Tensor, scale: float, bias: torch.Tensor | None, reduce: str = "rms", chunk: int = 1024
+) -> torch.Tensor:
+    """Importance of every key of a long span under the span-wide softmax, computed chunk by chunk.
+
+    q (B, n, d), k (B, T, d), bias (B, T) -> (B, T) fp32: RMS (or max / mean) over queries of each
+    key's softmax weight among *all* T keys, so scores from different chunks are comparable.
+    """
+    total = k.shape[1]
+    lse = None
+    for a in range(0, total, chunk):
+        s = block_scores(q, k[:, a : a + chunk], scale, None if bias is None else bias[:, a : a + chunk])
+        part = torch.logsumexp(s, dim=-1)  # (B, n)
+        lse = part if lse is None else torch.logaddexp(lse, part)
+    scores = []
+    for a in range(0, total, chunk):
+        s = block_scores(q, k[:, a : a + chunk], scale, None if bias is None else bias[:, a : a + chunk])
+        scores.append(key_scores(torch.exp(s - lse[..., None]), reduce))  # global softmax weights
+    out = torch.cat(scores, dim=-1)
+    if bias is not None:
+        out = out.masked_fill(~torch.isfinite(bias), -1.0)
+    return out
+
+
 @dataclass
 class Compacted:
     """Result for B blocks: idx (B, t), beta (B, t) fp32, values (B, t, d) fp32, and diagnostics."""
@@ -193,40 +242,65 @@ def attention_match(
     selection: str = "highest",
     omp_step: int = 1,
     beta_bounds: tuple[float, float | None] = (1e-4, None),
-    beta_iters: int = 8,
+    beta_iters: int = 5,
     ridge: float = 1e-3,
+    beta_ridge: float = 1e-4,
+    fit_beta: bool = True,
     fit_values_: bool = True,
+    idx: torch.Tensor | None = None,
+    idx_mask: torch.Tensor | None = None,
+    scores: torch.Tensor | None = None,
 ) -> Compacted:
     """Compact B blocks to t entries each.
 
     q (B, n, d) reference queries; k, v (B, T, d) the block; bias (B, T) fp32 the beta the block
     already carries (-inf on padding, which is never selected; every row needs >= t valid keys).
-    ``selection``: "highest" (RMS attention) or "omp". ``beta_bounds``: bounds on w = exp(beta);
-    the upper bound None means the block's size T (one key can stand for at most all of them).
+    ``selection``: "highest" (RMS attention; "highest-max" / "highest-mean" reduce by max / mean)
+    or "omp"; ``idx`` (B, t) skips selection and fits the given keys; ``scores`` (B, n, T) passes
+    S = s q k^T + bias when the caller already has it; ``idx_mask`` (B, t) marks the real entries
+    of a padded ``idx`` (the others get zero values and must be dropped by the caller). ``beta_bounds``: bounds on
+    w = exp(beta); the upper bound None means the block's size T (one key can stand for all).
     """
-    s = block_scores(q, k, scale, bias)  # (B, n, T)
+    s = block_scores(q, k, scale, bias) if scores is None else scores  # (B, n, T), old beta included
     valid = torch.isfinite(s[:, 0, :]) if bias is not None else torch.ones_like(s[:, 0, :], dtype=torch.bool)
     n_valid = valid.sum(dim=-1)
     if int(n_valid.min().item()) < t:
         raise ValueError(f"a block has {int(n_valid.min().item())} keys, fewer than the target {t}")
-    e, m, o = mass_and_output(s, v)
+    # rel = E / m: each query's attention over the block, normalised to its own mass; the beta fit
+    # works on these relative weights so every query's mass matters, not only the heaviest ones
+    rel = torch.softmax(s, dim=-1)  # (B, n, T)
+    o = rel @ v.float()  # (B, n, d) the block's attention output
     lo = beta_bounds[0]
     hi = n_valid.double() if beta_bounds[1] is None else beta_bounds[1]
-    if selection == "highest":
-        idx = select_highest_attention(s, t)
+    if idx is not None:
+        if idx.shape != (s.shape[0], t):
+            raise ValueError(f"given idx has shape {tuple(idx.shape)}, expected {(s.shape[0], t)}")
+    elif selection in REDUCTIONS:
+        idx = torch.sort(torch.topk(key_scores(rel, REDUCTIONS[selection]).masked_fill(~valid, -1.0), t).indices).values
     elif selection == "omp":
-        rel = e / m[..., None]
-        idx = select_omp(rel, torch.ones_like(m), t, valid, step=omp_step, lo=lo, hi=hi)
+        idx = select_omp(rel, torch.ones_like(rel[..., 0]), t, valid, step=omp_step, lo=lo, hi=hi)
     else:
-        raise ValueError(f"unknown key selection {selection!r}: use 'highest' or 'omp'")
-    e_sel = _gather_cols(e, idx)
-    # relative residuals: every query's mass matters in proportion, not only the heaviest ones
-    w = fit_mass(e_sel / m[..., None], torch.ones_like(m), lo, hi, iters=beta_iters)
+        raise ValueError(f"unknown key selection {selection!r}: use 'highest', 'highest-max', 'highest-mean' or 'omp'")
+    rel_sel = _gather_cols(rel, idx)  # (B, n, t)
+    if idx_mask is not None:  # padded selections (rows of a batch keep different numbers of keys)
+        rel_sel = rel_sel * idx_mask[:, None, :]
+    ones = torch.ones_like(rel[..., 0])
+    if fit_beta:
+        w = fit_mass(rel_sel, ones, lo, hi, iters=beta_iters, ridge=beta_ridge)
+    else:
+        w = torch.ones(idx.shape, dtype=torch.float32, device=idx.device)
     beta = torch.log(w)
-    mass_err = ((e_sel @ w[..., None]).squeeze(-1) / m - 1).norm(dim=-1) / m.shape[-1] ** 0.5
-    ck = _gather_rows(k, idx)
+    mass_err = ((rel_sel @ w[..., None]).squeeze(-1) - 1).norm(dim=-1) / rel.shape[1] ** 0.5
     prior = _gather_rows(v, idx).float()
-    p = torch.softmax(block_scores(q, ck, scale, beta), dim=-1)  # (B, n, t)
+    if idx_mask is not None:
+        prior = prior * idx_mask[..., None]
+    # logits of the compact block: the selected columns of S with the old beta swapped for the new
+    s_sel = _gather_cols(s, idx)
+    if bias is not None:
+        s_sel = s_sel - torch.gather(bias.float(), 1, idx)[:, None, :]
+    if idx_mask is not None:
+        s_sel = s_sel.masked_fill(~idx_mask[:, None, :], NEG_INF)
+    p = torch.softmax(s_sel + beta[:, None, :], dim=-1)  # (B, n, t)
     if fit_values_:
         cv, ok = fit_values(p, o, prior, ridge)
     else:

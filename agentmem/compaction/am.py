@@ -1,0 +1,219 @@
+"""The Attention Matching method: compacts the spans of one layer, chunked, batched over heads."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..cache import CompactedCache
+from ..errors import CompactionError
+from ..layer_store import Block
+from .base import CompactionReport, Replacement, SpanRequest
+from .fit import REDUCTIONS, attention_match, block_scores, key_scores, span_key_scores
+from .queries import QuerySet
+
+_SCORE_BYTES = 256 * 2**20  # rank a span in one pass when its logits S (n x T fp32) fit in this
+_T_BUCKET = 64  # chunks whose targets differ by less than this are fitted in one padded batch
+
+
+def split_chunks(start: int, end: int, target: int, chunk: int) -> list[tuple[int, int, int]]:
+    """Split [start, end) into near-equal chunks of at most ``chunk`` slots, sharing ``target``
+    entries in proportion (largest remainder). Returns (start, end, target) per chunk."""
+    length = end - start
+    n = max(1, -(-length // chunk))
+    bounds = [start + (length * i) // n for i in range(n + 1)]
+    raw = [target * (bounds[i + 1] - bounds[i]) / length for i in range(n)]
+    out = [int(x) for x in raw]
+    for i in sorted(range(n), key=lambda i: out[i] - raw[i])[: target - sum(out)]:
+        out[i] += 1
+    return [(bounds[i], bounds[i + 1], out[i]) for i in range(n)]
+
+
+@dataclass
+class AttentionMatching:
+    """Attention Matching (Zweiger et al., "Fast KV Compaction via Attention Matching",
+    arXiv 2602.16284): each span of each KV head, split into independent chunks of at most
+    ``chunk`` slots, is replaced by t compact entries -- selected keys C_k = K[idx] (keeping their
+    positions), a fitted fp32 bias beta and least-squares values C_v -- that reproduce the chunk's
+    attention output and mass for the reference queries (compaction/fit.py).
+
+    Queries: (H_q, n, d) per layer from a QuerySet; the GQA group of each KV head is stacked and
+    capped at ``query_cap`` rows for key selection, ``fit_query_cap`` of them for the fits.
+    Chunks of all heads with the same (length, target) are fitted in
+    one batched call. A head whose value fit fails keeps copied values, and the report says so.
+    """
+
+    name: str = "am"
+    needs_queries: bool = True
+    selection: str = "highest"
+    omp_step: int = 8
+    chunk: int = 512
+    query_cap: int = 8192  # reference queries per KV head for key selection
+    fit_query_cap: int = 512  # of those, the ones that attend most to a chunk fit its beta and values
+    ridge: float = 1.0
+    beta_ridge: float = 1e-2
+    beta_iters: int = 5
+    fit_beta: bool = True  # False: beta = 0 (ablation: plain selection)
+    fit_values: bool = True  # False: copied values V[idx] (ablation)
+    span_selection: bool = True  # rank keys over the whole span, not chunk by chunk
+    selection_dtype: str = "auto"  # products for ranking keys: "auto" (bf16 where fast), "bfloat16", "float32"
+    seed: int = 0
+
+    def _chunks(self, layer, q: torch.Tensor, scale: float, h: int, start: int, end: int, target: int):
+        """Split one span into chunks, each with its own target (and, span-wide, its selected keys).
+
+        With a highest-attention selection and ``span_selection``, keys are ranked under the
+        span-wide softmax and the top ``target`` are kept wherever they are: a chunk that matters
+        more keeps more. Otherwise (OMP) every chunk keeps a share proportional to its length.
+        The ranking may use bf16 products (``selection_dtype``); the fits are always fp32.
+        Returns [(chunk_start, chunk_end, t, selected slots or None, fit query rows or None)].
+        """
+        if not (self.span_selection and self.selection in REDUCTIONS) or target in (0, end - start):
+            return [(cs, ce, ct, None, None) for cs, ce, ct in split_chunks(start, end, target, self.chunk)]
+        slots = torch.arange(start, end, device=layer.device)
+        k, bias = layer.keys[0, h, start:end][None], layer.beta[h, start:end][None]
+        reduce = REDUCTIONS[self.selection]
+        chunks = split_chunks(start, end, 0, self.chunk)
+        shares = None
+        if q.shape[1] * (end - start) * 4 <= _SCORE_BYTES:  # one pass over S (n x T)
+            dtype = _selection_dtype(self.selection_dtype, layer.device)
+            s = block_scores(q[h : h + 1].to(dtype), k.to(dtype), scale, bias)  # (1, n, T) fp32
+            w = torch.softmax(s, dim=-1)
+            del s
+            shares = [w[0, :, cs - start : ce - start].sum(dim=-1) for cs, ce, _ in chunks]  # (n,) each
+            scores = key_scores(w, reduce, inplace=True)[0].masked_fill(~torch.isfinite(bias[0]), -1.0)
+        else:  # a long span: two chunked passes, nothing of size n x T kept
+            scores = span_key_scores(q[h : h + 1], k, scale, bias, reduce, self.chunk)[0]
+        chosen = slots[torch.topk(scores, target).indices].sort().values
+        out = []
+        for i, (cs, ce, _) in enumerate(chunks):
+            sel = chosen[(chosen >= cs) & (chosen < ce)]
+            rows = None
+            if shares is not None and q.shape[1] > self.fit_query_cap:
+                # fit on the queries that attend to this chunk the most: for the others the chunk's
+                # share of attention is small, and so is the effect of its compaction error
+                rows = torch.topk(shares[i], self.fit_query_cap).indices.sort().values
+            out.append((cs, ce, int(sel.numel()), sel, rows))
+        return out
+
+    def compact(
+        self, cache: CompactedCache, request: SpanRequest, queries: QuerySet | None, report: CompactionReport
+    ) -> list[list[Replacement]]:
+        layer_idx = request.layer
+        layer = cache.layers[layer_idx]
+        if queries is None or layer_idx not in queries.per_layer:
+            raise CompactionError(f"attention matching needs reference queries for layer {layer_idx}")
+        q = queries.for_kv_heads(layer_idx, layer.num_heads, self.query_cap, self.seed).to(layer.device)
+        scale = cache.spec.scaling[layer_idx]
+        # the fits (beta, values) use a subset of the selection's queries: their cost grows as n t^2
+        # the fits cost n t^2: when a chunk gives no better choice, they use a random subset of queries
+        g = torch.Generator().manual_seed(self.seed * 7919 + layer_idx)
+        random_rows = torch.randperm(q.shape[1], generator=g)[: self.fit_query_cap].sort().values.to(q.device)
+
+        # rows: one per (head, chunk) to fit, grouped by (length, target) so that a group is one batch
+        rows: dict[tuple[int, int], list[tuple]] = {}
+        plan = []
+        for h, spans in enumerate(request.heads):
+            head_plan = []
+            for start, end, target in spans:
+                chunks = self._chunks(layer, q, scale, h, start, end, target) if end > start else []
+                head_plan.append((start, end, chunks))
+                for cs, ce, ct, sel, fit_rows in chunks:
+                    if 0 < ct < ce - cs:
+                        fit_rows = random_rows if fit_rows is None else fit_rows
+                        s_chunk = None
+                        # span-selected chunks of one length and similar targets share a batch (targets padded)
+                        key = (ce - cs, -1 - ct // _T_BUCKET if sel is not None else ct)
+                        rows.setdefault(key, []).append((h, cs, ce, sel, s_chunk, fit_rows, ct))
+            plan.append(head_plan)
+
+        fitted: dict[tuple[int, int], Block] = {}
+        for _, members in rows.items():
+            heads = torch.tensor([m[0] for m in members], device=layer.device)
+            slots = torch.stack([torch.arange(m[1], m[2], device=layer.device) for m in members])  # (B, T)
+            t = max(m[6] for m in members)
+            given = scores = given_mask = None
+            if members[0][3] is not None:  # (B, t) positions within the chunk, padded to the longest
+                given = torch.zeros(len(members), t, dtype=torch.long, device=layer.device)
+                given_mask = torch.zeros(len(members), t, dtype=torch.bool, device=layer.device)
+                for b, m in enumerate(members):
+                    given[b, : m[6]] = m[3] - m[1]
+                    given_mask[b, : m[6]] = True
+            if all(m[4] is not None for m in members):
+                scores = torch.stack([m[4] for m in members])  # (B, n_fit, T) slices of the span's S
+            q_fit = torch.stack([q[m[0]][m[5]] for m in members])  # (B, n_fit, d)
+            k = layer.keys[0][heads[:, None], slots]  # (B, T, d)
+            v = layer.values[0][heads[:, None], slots]
+            bias = layer.beta[heads[:, None], slots]  # (B, T) fp32, the beta the entries already carry
+            res = attention_match(
+                q_fit,
+                k,
+                v,
+                t,
+                scale,
+                bias=bias,
+                selection=self.selection,
+                omp_step=self.omp_step,
+                beta_iters=self.beta_iters,
+                ridge=self.ridge,
+                beta_ridge=self.beta_ridge,
+                fit_beta=self.fit_beta,
+                fit_values_=self.fit_values,
+                idx=given,
+                idx_mask=given_mask,
+                scores=scores,
+            )
+            sel_slots = torch.gather(slots, 1, res.idx)
+            for b, m in enumerate(members):
+                h, cs, n_keep = m[0], m[1], m[6]
+                s = sel_slots[b, :n_keep]
+                fitted[(h, cs)] = Block(
+                    keys=layer.keys[0, h, s].clone(),
+                    values=res.values[b, :n_keep].to(layer.dtype),
+                    beta=res.beta[b, :n_keep],
+                    pos=layer.pos[h, s].clone(),
+                    tok=layer.tok[h, s].clone(),
+                )
+                if not bool(res.values_ok[b]):
+                    report.notes.append(f"layer {layer_idx} head {h} slots {cs}+: value fit failed, copied values")
+            report.output_errors += res.output_error.tolist()
+            report.mass_errors += res.mass_error.tolist()
+
+        out: list[list[Replacement]] = []
+        for h, head_plan in enumerate(plan):
+            spans_out = []
+            for start, end, chunks in head_plan:
+                parts = []
+                for cs, ce, ct, *_ in chunks:
+                    if ct == 0:
+                        continue
+                    parts.append(fitted[(h, cs)] if ct < ce - cs else layer.read_span(h, cs, ce))
+                spans_out.append((start, end, _concat(parts)))
+            out.append(spans_out)
+        return out
+
+
+def _selection_dtype(name: str, device: torch.device) -> torch.dtype:
+    if name == "float32":
+        return torch.float32
+    if name == "bfloat16":
+        return torch.bfloat16
+    if device.type == "cuda":
+        return torch.bfloat16
+    return torch.bfloat16 if torch.backends.mkldnn.is_available() and _cpu_bf16() else torch.float32
+
+
+def _cpu_bf16() -> bool:
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def _concat(parts: list[Block]) -> Block | None:
+    if not parts:
+        return None
+    if len(parts) == 1:
+        return parts[0]
+    return Block(*(torch.cat([getattr(p, f) for p in parts]) for f in ("keys", "values", "beta", "pos", "tok")))

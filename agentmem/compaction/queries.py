@@ -1,0 +1,164 @@
+"""Reference queries for Attention Matching: where the queries that a compaction must serve come from.
+
+All queries are post-RoPE, at the positions they were computed at, in the cache's current
+position frame (re-basing rotates stored queries together with the keys).
+
+* :class:`QueryBuffer` -- filled by the attention path as the model reads and writes, at no extra
+  cost: ``recent`` keeps the last R queries of every layer (a ring), ``context`` a uniform
+  reservoir sample over everything read. Online compaction uses ``recent`` by default.
+* :class:`QueryCollector` -- an observer for scratch forward passes the session runs for
+  *repeat-prefill* (the model is asked to repeat the span verbatim; the queries of that repetition
+  are captured) and *self-study* (the model answers a few prompts about the context).
+* :class:`QuerySet` -- what compaction receives: per layer (H_q, n, d); :meth:`QuerySet.for_kv_heads`
+  stacks each GQA group into (H_kv, rep * n, d) and subsamples reproducibly to a cap.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+
+@dataclass
+class QuerySet:
+    """Reference queries: ``per_layer[l]`` is (H_q, n_l, d) float32."""
+
+    source: str
+    per_layer: dict[int, torch.Tensor] = field(default_factory=dict)
+
+    def for_kv_heads(self, layer: int, num_kv_heads: int, cap: int, seed: int = 0) -> torch.Tensor:
+        """(H_kv, n', d): the rep query heads of each KV head stacked, at most ``cap`` rows per KV head."""
+        q = self.per_layer[layer]  # (H_q, n, d); head hq = h * rep + r
+        hq, n, d = q.shape
+        rep = hq // num_kv_heads
+        stacked = q.reshape(num_kv_heads, rep * n, d)
+        if stacked.shape[1] > cap:
+            g = torch.Generator().manual_seed(seed * 1000 + layer)
+            keep = torch.randperm(stacked.shape[1], generator=g)[:cap].sort().values.to(q.device)
+            stacked = stacked[:, keep]
+        return stacked
+
+    @property
+    def tokens(self) -> int:
+        return min((q.shape[1] for q in self.per_layer.values()), default=0)
+
+
+def rotate_queries(q: torch.Tensor, delta: float, inv_freq: torch.Tensor) -> torch.Tensor:
+    """Rotate post-RoPE queries (..., d) by ``delta`` positions (HF rotate_half layout)."""
+    rot = 2 * inv_freq.numel()
+    ang = delta * inv_freq.to(q.device, torch.float64)
+    emb = torch.cat([ang, ang]).float()
+    cos, sin = emb.cos(), emb.sin()
+    x = q[..., :rot].float()
+    half = rot // 2
+    x_rot = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+    out = q.clone()
+    out[..., :rot] = (x * cos + x_rot * sin).to(q.dtype)
+    return out
+
+
+class QueryBuffer:
+    """Per-layer store of queries fed by the attention path (no extra forward passes).
+
+    mode ``recent``: the last ``capacity`` query tokens (a ring). mode ``context``: a uniform
+    reservoir sample of ``capacity`` tokens over everything read. Memory: layers x capacity x H_q x d
+    floats in the model dtype, reported as ``query_buffer_bytes`` (not part of the KV budget).
+    """
+
+    def __init__(
+        self,
+        num_layers: int,
+        num_q_heads: int,
+        head_dim: int,
+        capacity: int,
+        mode: str,
+        device: torch.device,
+        dtype: torch.dtype,
+        seed: int = 0,
+    ):
+        if mode not in ("recent", "context"):
+            raise ValueError(f"query buffer mode must be 'recent' or 'context', not {mode!r}")
+        self.mode = mode
+        self.capacity = capacity
+        self.data = torch.zeros(num_layers, capacity, num_q_heads, head_dim, dtype=dtype, device=device)
+        self.filled = [0] * num_layers  # valid rows per layer
+        self.seen = [0] * num_layers  # query tokens offered per layer
+        self.enabled = True
+        self._gen = torch.Generator().manual_seed(seed)
+
+    @property
+    def nbytes(self) -> int:
+        return self.data.numel() * self.data.element_size()
+
+    def push(self, layer: int, query: torch.Tensor) -> None:
+        """query (1, H_q, n, d) as the attention function sees it."""
+        if not self.enabled:
+            return
+        q = query[0].transpose(0, 1).detach()  # (n, H_q, d)
+        n = q.shape[0]
+        cap = self.capacity
+        if self.mode == "recent":
+            q = q[-cap:]
+            k = q.shape[0]
+            start = self.seen[layer] % cap
+            first = min(k, cap - start)
+            self.data[layer, start : start + first] = q[:first]
+            if k > first:
+                self.data[layer, : k - first] = q[first:]
+            self.filled[layer] = min(cap, self.filled[layer] + k)
+        else:  # reservoir sampling (algorithm R): token j replaces a random slot with prob cap / (j + 1)
+            seen = self.seen[layer]
+            j = torch.arange(seen, seen + n, dtype=torch.float64)
+            draw = torch.floor(torch.rand(n, generator=self._gen, dtype=torch.float64) * (j + 1))
+            slot = torch.where(j < cap, j, draw).long()
+            rows = {int(d): i for i, d in enumerate(slot.tolist()) if d < cap}  # later tokens win
+            if rows:
+                dst = torch.tensor(list(rows.keys()), device=q.device)
+                src = torch.tensor(list(rows.values()), device=q.device)
+                self.data[layer, dst] = q[src]
+            self.filled[layer] = min(cap, seen + n)
+        self.seen[layer] += n
+
+    def query_set(self, layers: list[int] | None = None) -> QuerySet:
+        layers = list(range(len(self.filled))) if layers is None else layers
+        out = {}
+        for layer in layers:
+            k = self.filled[layer]
+            if k:
+                out[layer] = self.data[layer, :k].transpose(0, 1).float()  # (H_q, k, d)
+        return QuerySet(source=self.mode, per_layer=out)
+
+    def rotate(self, delta: int, inv_freq: list[torch.Tensor]) -> None:
+        """Follow a re-basing of the keys (every key moved by ``delta`` positions)."""
+        for layer in range(self.data.shape[0]):
+            if self.filled[layer]:
+                self.data[layer] = rotate_queries(self.data[layer], delta, inv_freq[layer])
+
+    def clear(self) -> None:
+        self.filled = [0] * len(self.filled)
+        self.seen = [0] * len(self.seen)
+
+
+class QueryCollector:
+    """Observer for scratch passes: keeps, per layer, at most ``cap`` query tokens (evenly spaced)."""
+
+    def __init__(self, layers: set[int] | None = None, cap: int = 512):
+        self.layers = layers
+        self.cap = cap
+        self.parts: dict[int, list[torch.Tensor]] = {}
+
+    def __call__(self, layer: int, query: torch.Tensor) -> None:
+        if self.layers is not None and layer not in self.layers:
+            return
+        self.parts.setdefault(layer, []).append(query[0].detach().float())  # (H_q, n, d)
+
+    def result(self, source: str) -> QuerySet:
+        out = {}
+        for layer, parts in self.parts.items():
+            q = torch.cat(parts, dim=1)
+            if q.shape[1] > self.cap:
+                keep = torch.linspace(0, q.shape[1] - 1, self.cap).round().long().to(q.device)
+                q = q[:, keep]
+            out[layer] = q
+        return QuerySet(source=source, per_layer=out)

@@ -1,0 +1,262 @@
+"""Engine: the model, the cache and the policy, and the forward passes that keep them in budget.
+
+The engine is what the session drives: it runs token ids through the model in budget-sized
+chunks, making room before each (sliding-window trims, position maintenance, compaction by the
+policy), gathers the reference queries a compaction method needs (buffered, or by scratch passes
+that leave no trace) and applies compaction plans. It knows nothing about text, chat or sampling.
+"""
+
+from __future__ import annotations
+
+import math
+from array import array
+from collections.abc import Sequence
+from contextlib import contextmanager
+
+import torch
+
+from . import reference
+from .cache import CompactedCache
+from .compaction.base import CompactionPlan
+from .compaction.driver import execute_plan
+from .compaction.queries import QueryBuffer, QuerySet
+from .errors import BudgetError, CompactionError
+from .events import CompactionEvent
+from .models import LoadedModel
+from .policy import AMPolicy, Policy
+from .positions import PositionConfig, effective_max_distance, maintain
+
+MiB = 2**20
+_MAX_COMPACTIONS_PER_STEP = 8
+
+
+class Engine:
+    """Owns the cache of one sequence; see the module docstring.
+
+    ``transcript_ids`` holds every token accepted, in order (compaction never touches it): token i
+    of the transcript is the entry whose ``tok`` is i. ``pinned`` lists token ranges no policy may
+    compact; ``compactions`` every compaction applied to this cache.
+    """
+
+    def __init__(
+        self,
+        loaded: LoadedModel,
+        policy: Policy,
+        positions: PositionConfig,
+        max_kv_bytes: int | None,
+        chunk_tokens: int,
+        seed: int = 0,
+    ):
+        self.loaded = loaded
+        self.policy = policy
+        self.positions = positions
+        self.cache = CompactedCache(loaded.spec, loaded.dtype, loaded.device, max_kv_bytes)
+        cap = self.cache.max_tokens()
+        self.chunk_tokens = max(1, min(chunk_tokens, cap // 4))
+        limit = effective_max_distance(self.cache, positions)
+        if positions.mode == "clamp" and limit:  # a chunk must fit well inside the distance limit
+            self.chunk_tokens = max(1, min(self.chunk_tokens, limit // 4))
+        need = policy.min_tokens(1)
+        if cap < need:
+            mib = round(max_kv_bytes / MiB, 4)
+            raise BudgetError(
+                f"max_kv_mb={mib:g} holds {cap} tokens of {loaded.spec.name} "
+                f"({self.cache.bytes_per_token()} bytes each); policy {policy.name!r} needs at least "
+                f"{need}: use max_kv_mb >= {math.ceil(self.cache.bytes_for_tokens(need) / MiB * 100) / 100:.2f}"
+            )
+        self.compactions: list[CompactionEvent] = []
+        self.pinned: list[tuple[int, int]] = []
+        self.transcript_ids = array("i")
+        if isinstance(policy, AMPolicy):
+            cfg = policy.config
+            mode = "context" if "context" in (cfg.queries, cfg.offline_queries) else "recent"
+            spec = loaded.spec
+            self.cache.query_buffer = QueryBuffer(
+                spec.num_layers,
+                spec.num_q_heads,
+                spec.head_dim,
+                cfg.query_buffer,
+                mode,
+                loaded.device,
+                loaded.dtype,
+                seed=seed,
+            )
+
+    @property
+    def tokenizer(self):
+        return self.loaded.tokenizer
+
+    def fork(self) -> Engine:
+        """An independent copy: cache, buffers, logs (the model is shared)."""
+        import copy
+
+        other = copy.copy(self)
+        other.cache = self.cache.clone()
+        if self.cache.query_buffer is not None:
+            other.cache.query_buffer = copy.deepcopy(self.cache.query_buffer)
+        other.compactions = list(self.compactions)
+        other.pinned = list(self.pinned)
+        other.transcript_ids = array("i", self.transcript_ids)
+        return other
+
+    def make_room(self, cache: CompactedCache, n: int, record: list[CompactionEvent] | None) -> None:
+        """Ensure n more tokens fit: trim dead sliding-window entries, fix positions, compact if needed."""
+        cache.trim_sliding(n)
+        maintain(cache, n, self.positions)
+        if not cache.fits(n):
+            cache.trim_sliding(n, min_dead=0)
+        for _ in range(_MAX_COMPACTIONS_PER_STEP):
+            if cache.fits(n):
+                break
+            plan = self.policy.plan_for_budget(cache, n, self.pinned)
+            event = self.execute(cache, plan, self.policy.method)
+            if record is not None:
+                record.append(event)
+            if event.payload_bytes_after >= event.payload_bytes_before:
+                break
+        if not cache.fits(n):
+            raise BudgetError(
+                f"policy {self.policy.name!r} could not make room for {n} tokens within "
+                f"{cache.max_bytes / MiB:.2f} MiB; raise max_kv_mb or lower chunk_tokens"
+            )
+        cache.reserve(n)
+
+    def execute(
+        self, cache: CompactedCache, plan: CompactionPlan, method, source: str | None = None, groups: int = 1
+    ) -> CompactionEvent:
+        """Gather the reference queries the method needs, then apply the plan.
+
+        ``groups > 1`` (on-policy): layers are compacted in that many consecutive groups, and the
+        queries of each group are recomputed by the model with the groups below already compacted.
+        Only query sources that run the model (repeat-prefill, self-study) can be on-policy.
+        """
+        source = source or plan.queries or "recent"
+        if method.needs_queries and groups > 1 and source in ("repeat-prefill", "self-study"):
+            return self._execute_on_policy(cache, plan, method, source, groups)
+        queries, notes = None, []
+        if method.needs_queries:
+            queries, notes = self.queries(cache, plan, source)
+        event = execute_plan(cache, plan, method, self.policy.name, queries)
+        event.notes[:0] = notes
+        return event
+
+    def _execute_on_policy(
+        self, cache: CompactedCache, plan: CompactionPlan, method, source: str, groups: int
+    ) -> CompactionEvent:
+        layers = sorted({r.layer for r in plan.requests})
+        size = -(-len(layers) // groups)
+        saved = {i: cache.layers[i].snapshot() for i in layers}  # restored if any group fails
+        events: list[CompactionEvent] = []
+        try:
+            for g in range(0, len(layers), size):
+                part = set(layers[g : g + size])
+                sub = CompactionPlan(plan.reason, [r for r in plan.requests if r.layer in part], plan.queries)
+                queries, notes = self.queries(cache, sub, source)
+                events.append(execute_plan(cache, sub, method, self.policy.name, queries))
+                events[-1].notes[:0] = notes
+        except BaseException:
+            for i, state in saved.items():
+                cache.layers[i].restore(state)
+            raise
+        first, last = events[0], events[-1]
+        last.tokens_before, last.kv_bytes_before = first.tokens_before, first.kv_bytes_before
+        last.payload_bytes_before = first.payload_bytes_before
+        last.seconds = sum(e.seconds for e in events)
+        last.notes = [n for e in events for n in e.notes] + [f"on-policy: {len(events)} layer groups"]
+        fits = [e.fit_output_error for e in events if e.fit_output_error is not None]
+        last.fit_output_error = sum(fits) / len(fits) if fits else None
+        masses = [e.fit_mass_error for e in events if e.fit_mass_error is not None]
+        last.fit_mass_error = sum(masses) / len(masses) if masses else None
+        return last
+
+    def queries(self, cache: CompactedCache, plan: CompactionPlan, source: str) -> tuple[QuerySet, list[str]]:
+        notes = []
+        if source == "repeat-prefill":
+            qs = reference.repeat_prefill(self, cache, plan)
+            if qs is not None:
+                return qs, notes
+            notes.append("no room in the budget for a repeat-prefill pass; used buffered queries")
+        elif source == "self-study":
+            qs = reference.self_study(self, cache)
+            if qs is not None:
+                return qs, notes
+            notes.append("no room in the budget for self-study; used buffered queries")
+        buffer = cache.query_buffer
+        if buffer is None or not any(buffer.filled):
+            raise CompactionError(
+                f"no reference queries for {source!r}: the session has no query buffer yet (read some text first)"
+            )
+        if source in ("recent", "context") and buffer.mode != source:
+            notes.append(f"asked for {source!r} queries, the session buffers {buffer.mode!r} ones")
+        return buffer.query_set(), notes
+
+    def forward_chunk(self, cache: CompactedCache, chunk: Sequence[int], keep: str) -> torch.Tensor | None:
+        """One model call on ``chunk`` (room must already be reserved); logits per ``keep``.
+
+        keep: "none", "last" ((V,)) or "all" ((n, V)), fp32. A failed call leaves the cache as it was.
+        """
+        n = len(chunk)
+        snapshot = cache.snapshot_lengths()
+        position_ids = cache.begin_forward(n)
+        input_ids = torch.tensor([list(chunk)], dtype=torch.long, device=self.loaded.device)
+        try:
+            with torch.inference_mode():
+                result = self.loaded.model(
+                    input_ids=input_ids,
+                    position_ids=position_ids,
+                    past_key_values=cache,
+                    use_cache=True,
+                    agentmem_cache=cache,
+                    logits_to_keep=0 if keep == "all" else 1,
+                )
+        except BaseException:
+            cache.rollback(snapshot)
+            raise
+        cache.commit_forward(n)
+        if keep == "all":
+            return result.logits[0].float()
+        return result.logits[0, -1].float() if keep == "last" else None
+
+    def run(
+        self,
+        cache: CompactedCache,
+        ids: Sequence[int],
+        keep: str,
+        record: list[CompactionEvent] | None,
+    ) -> torch.Tensor | None:
+        """Run tokens through the model in budget-sized chunks, making room (compacting) before each.
+
+        keep: "none", "last" (logits of the last token, (V,)) or "all" ((len(ids), V)), fp32.
+        """
+        out: list[torch.Tensor] = []
+        last = None
+        for start in range(0, len(ids), self.chunk_tokens):
+            chunk = ids[start : start + self.chunk_tokens]
+            self.make_room(cache, len(chunk), record)
+            final = start + len(chunk) >= len(ids)
+            logits = self.forward_chunk(cache, chunk, keep if keep == "all" or final else "none")
+            if keep == "all":
+                out.append(logits)
+            elif final and keep == "last":
+                last = logits
+        if keep == "all":
+            return torch.cat(out, dim=0) if out else None
+        return last
+
+    @contextmanager
+    def scratch(self, cache: CompactedCache, observer=None):
+        """Run forwards on ``cache`` that leave no trace: lengths, logical length and the query buffer
+        are restored (or untouched) afterwards. ``observer(layer, query)`` sees the queries."""
+        lengths, logical = cache.snapshot_lengths(), cache.logical_length
+        previous = cache.query_observer
+        cache.query_observer = observer if observer is not None else _ignore_queries
+        try:
+            yield cache
+        finally:
+            cache.rollback(lengths)
+            cache.logical_length = logical
+            cache.query_observer = previous
+
+
+def _ignore_queries(layer: int, query: torch.Tensor) -> None:
+    return None

@@ -1,0 +1,101 @@
+"""Reference queries that need the model to run: repeat-prefill and self-study scratch passes.
+
+Both run on the live cache inside ``Engine.scratch`` (rolled back afterwards, the query buffer
+untouched) in pieces that fit the free budget, so they never push ``kv_bytes`` past it. A piece
+of repeat-prefill is the instruction followed by a stretch of the original text of the spans
+being compacted (from the session's transcript, so already-compacted memory is repeated from its
+original tokens); only the queries of the repeated text are kept. Both return None when the
+budget has no room for a useful pass; the session then falls back to buffered queries.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+
+from .compaction.base import CompactionPlan
+from .compaction.queries import QueryCollector, QuerySet
+
+if TYPE_CHECKING:
+    from .cache import CompactedCache
+    from .engine import Engine
+
+REPEAT_INSTRUCTION = "\n\nRepeat the previous context exactly.\n\n"
+SELF_STUDY_PROMPTS = (
+    "\n\nQuestion: What is the text above about? Summarize it.\nAnswer:",
+    "\n\nQuestion: List the most important names, numbers and facts in the text above.\nAnswer:",
+    "\n\nQuestion: Quote the first lines of the text above.\nAnswer:",
+)
+_MIN_PIECE = 16
+
+
+class _SkipPrefix(QueryCollector):
+    """Collector that ignores the first ``skip`` query tokens of each call (the instruction)."""
+
+    skip = 0
+
+    def __call__(self, layer: int, query: torch.Tensor) -> None:
+        if query.shape[2] > self.skip:
+            super().__call__(layer, query[:, :, self.skip :])
+
+
+def _span_token_range(cache: CompactedCache, plan: CompactionPlan) -> tuple[int, int] | None:
+    lo, hi = None, None
+    for request in plan.requests:
+        layer = cache.layers[request.layer]
+        for h, spans in enumerate(request.heads):
+            for s, e, _ in spans:
+                if e > s:
+                    tok = layer.tok[h, s:e]
+                    a, b = int(tok.min().item()), int(tok.max().item()) + 1
+                    lo = a if lo is None else min(lo, a)
+                    hi = b if hi is None else max(hi, b)
+    return None if lo is None else (lo, hi)
+
+
+def repeat_prefill(
+    engine: Engine, cache: CompactedCache, plan: CompactionPlan, max_tokens: int = 2048, piece: int = 256
+) -> QuerySet | None:
+    """Queries of the model repeating the spans' original text after an instruction."""
+    span = _span_token_range(cache, plan)
+    if span is None:
+        return None
+    instruction = engine.tokenizer(REPEAT_INSTRUCTION, add_special_tokens=False)["input_ids"]
+    room = min(piece, cache.free_tokens() - len(instruction))
+    if room < _MIN_PIECE:
+        return None
+    text = list(engine.transcript_ids[span[0] : span[1]])
+    if len(text) > max_tokens:  # evenly spread pieces over a long span
+        n = -(-max_tokens // room)
+        starts = torch.linspace(0, len(text) - room, n).round().long().tolist()
+        pieces = [text[s : s + room] for s in starts]
+    else:
+        pieces = [text[s : s + room] for s in range(0, len(text), room)]
+    collector = _SkipPrefix(cap=2048)
+    collector.skip = len(instruction)
+    for part in pieces:
+        with engine.scratch(cache, collector):
+            cache.reserve(len(instruction) + len(part))
+            engine.forward_chunk(cache, instruction + part, "none")
+    return collector.result("repeat-prefill")
+
+
+def self_study(engine: Engine, cache: CompactedCache, answer_tokens: int = 48) -> QuerySet | None:
+    """Queries of the model answering a few questions about what is in memory (greedy)."""
+    collector = QueryCollector(cap=2048)
+    ran = False
+    for prompt in SELF_STUDY_PROMPTS:
+        ids = engine.tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        if cache.free_tokens() < len(ids) + _MIN_PIECE:
+            continue
+        with engine.scratch(cache, collector):
+            cache.reserve(len(ids))
+            logits = engine.forward_chunk(cache, ids, "last")
+            for _ in range(answer_tokens):
+                if not cache.fits(1):
+                    break
+                cache.reserve(1)
+                logits = engine.forward_chunk(cache, [int(torch.argmax(logits).item())], "last")
+        ran = True
+    return collector.result("self-study") if ran else None
