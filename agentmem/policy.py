@@ -86,7 +86,7 @@ class AMConfig(BaseModel):
     fit_values: bool = Field(default=True, description="False: copied values (ablation)")
     span_selection: bool = Field(default=True, description="rank keys over a whole span, not chunk by chunk")
     selection_dtype: Literal["auto", "bfloat16", "float32"] = Field(
-        default="auto", description="products used to rank keys (the fits are always fp32)"
+        default="float32", description="products used to rank keys; auto = bf16 on CUDA (the fits are always fp32)"
     )
 
 

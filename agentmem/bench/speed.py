@@ -93,7 +93,8 @@ def to_markdown(data: dict, command: str) -> str:
         f"`{data['source_text']}`; {data['new_tokens']} greedy tokens; medians of {data['repeats']} interleaved runs.",
         "",
         "Decode tokens/s at equal physical length (nothing compacted), and the ratio measured in the same run. "
-        "*Budgeted*: the session under a budget that holds about the prompt, compacting (streaming) while it decodes.",
+        "*Budgeted*: the session with its default policy (`am-halve`) under a budget that holds about the prompt, "
+        "so it compacts while it decodes; the compaction's time is included.",
         "",
         "| context | HF decode tok/s | agentmem decode tok/s | ratio | agentmem budgeted tok/s (compactions) "
         "| HF prefill tok/s | agentmem prefill tok/s | ratio |",

@@ -57,7 +57,7 @@ class AttentionMatching:
     fit_beta: bool = True  # False: beta = 0 (ablation: plain selection)
     fit_values: bool = True  # False: copied values V[idx] (ablation)
     span_selection: bool = True  # rank keys over the whole span, not chunk by chunk
-    selection_dtype: str = "auto"  # products for ranking keys: "auto" (bf16 where fast), "bfloat16", "float32"
+    selection_dtype: str = "float32"  # products for ranking keys: "float32", "bfloat16" or "auto" (bf16 on CUDA)
     seed: int = 0
 
     def _chunks(self, layer, q: torch.Tensor, scale: float, h: int, start: int, end: int, target: int):
@@ -81,7 +81,10 @@ class AttentionMatching:
             s = block_scores(q[h : h + 1].to(dtype), k.to(dtype), scale, bias)  # (1, n, T) fp32
             w = torch.softmax(s, dim=-1)
             del s
-            shares = [w[0, :, cs - start : ce - start].sum(dim=-1) for cs, ce, _ in chunks]  # (n,) each
+            member = torch.zeros(end - start, len(chunks), device=layer.device)  # (T, chunks) indicator
+            for i, (cs, ce, _) in enumerate(chunks):
+                member[cs - start : ce - start, i] = 1.0
+            shares = (w[0] @ member).T  # (chunks, n): each query's attention share on each chunk
             scores = key_scores(w, reduce, inplace=True)[0].masked_fill(~torch.isfinite(bias[0]), -1.0)
         else:  # a long span: two chunked passes, nothing of size n x T kept
             scores = span_key_scores(q[h : h + 1], k, scale, bias, reduce, self.chunk)[0]
@@ -199,16 +202,7 @@ def _selection_dtype(name: str, device: torch.device) -> torch.dtype:
         return torch.float32
     if name == "bfloat16":
         return torch.bfloat16
-    if device.type == "cuda":
-        return torch.bfloat16
-    return torch.bfloat16 if torch.backends.mkldnn.is_available() and _cpu_bf16() else torch.float32
-
-
-def _cpu_bf16() -> bool:
-    try:
-        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except (AttributeError, RuntimeError):
-        return False
+    return torch.bfloat16 if device.type == "cuda" else torch.float32  # on CPU the conversions cost more
 
 
 def _concat(parts: list[Block]) -> Block | None:

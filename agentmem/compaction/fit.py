@@ -32,12 +32,13 @@ NEG_INF = float("-inf")
 
 def block_scores(q: torch.Tensor, k: torch.Tensor, scale: float, bias: torch.Tensor | None = None) -> torch.Tensor:
     """q (B, n, d), k (B, T, d), bias (B, T) -> logits S (B, n, T) in fp32."""
-    if q.dtype != torch.bfloat16:  # bf16 inputs (fast ranking) keep bf16 products, fp32 out
-        q, k = q.float(), k.float()
-    s = torch.bmm(q, k.transpose(1, 2)).float().mul_(scale)
-    if bias is not None:
-        s += bias.float()[:, None, :]
-    return s
+    if q.dtype == torch.bfloat16:  # bf16 inputs (fast ranking): bf16 products, fp32 out
+        s = torch.bmm(q, k.transpose(1, 2)).float().mul_(scale)
+        return s if bias is None else s.add_(bias.float()[:, None, :])
+    q, kt = q.float(), k.float().transpose(1, 2)
+    if bias is None:
+        return torch.bmm(q, kt).mul_(scale)
+    return torch.baddbmm(bias.float()[:, None, :].expand(-1, q.shape[1], -1), q, kt, alpha=scale)
 
 
 def key_scores(w: torch.Tensor, reduce: str, inplace: bool = False) -> torch.Tensor:
