@@ -201,6 +201,12 @@ class CacheLayer:
         self.refresh_meta()
 
     # ------------------------------------------------------------------ reads
+    def head(self, name: str, h: int) -> torch.Tensor:
+        """Head h's slots of buffer ``name`` ("k", "v", "beta", "pos", "tok"): a view, first dim = slots."""
+        if name in ("k", "v"):
+            return (self.keys if name == "k" else self.values)[0, h]
+        return getattr(self, name)[h]
+
     def read_span(self, head: int, start: int, end: int) -> Block:
         """Copy of slots [start, end) of one head."""
         return Block(
