@@ -9,6 +9,11 @@ the model, e.g. ``model.generate``) it is exactly transformers' SDPA attention.
 
 GQA: instead of repeating K/V, the ``rep`` query heads of a KV head are stacked along the query
 axis: (1, H_q, n, d) -> (1, H_kv, rep*n, d), so a per-KV-head bias broadcasts without copies.
+
+Layouts: a uniform layer (every KV head has the same capacity) is attended in one call on the
+(1, H_kv, L, d) views the cache's ``update`` returns. A non-uniform layer (heads of different
+capacities after a non-uniform compaction) is attended one KV head at a time, on each head's own
+run of slots read from the layer (no padded copy is built): :func:`_per_head_attention`.
 """
 
 from __future__ import annotations
@@ -41,7 +46,7 @@ def _layer_bias(layer, cache, n: int, length: int) -> torch.Tensor | None:
         i = torch.arange(n, device=layer.device)
         return (j[None, :] <= (length - n) + i[:, None])[None, None]
     heads = layer.num_heads
-    beta = layer.beta[:, :length]  # (H, L) fp32, -inf on padding
+    beta = layer.grid("beta", length)  # (H, L) fp32 view, -inf on padding
     if n == 1 and not out_of_window:
         return beta[None, :, None, :]
     bias = beta[:, None, :].expand(heads, n, length).clone()  # (H, n, L)
@@ -52,7 +57,7 @@ def _layer_bias(layer, cache, n: int, length: int) -> torch.Tensor | None:
     hidden = future
     if out_of_window:
         qpos = cache.step_first_pos + i  # (n,)
-        far = (qpos[None, :, None] - layer.pos[:, None, :length].to(torch.long)) >= window
+        far = (qpos[None, :, None] - layer.grid("pos", length)[:, None, :].to(torch.long)) >= window
         hidden = hidden | far
     bias.masked_fill_(hidden, float("-inf"))
     return bias[None]
@@ -89,9 +94,11 @@ def agentmem_attention_forward(
     elif cache.query_buffer is not None:  # recent / context queries for online compaction
         cache.query_buffer.push(module.layer_idx, query)
     _, hq, n, d = query.shape
+    scale = scaling if scaling is not None else d**-0.5
+    if not layer.uniform:
+        return _per_head_attention(layer, cache, query, scale, softcap), None
     hkv, length = key.shape[1], key.shape[2]
     rep = hq // hkv
-    scale = scaling if scaling is not None else d**-0.5
     bias = _layer_bias(layer, cache, n, length)
 
     if softcap is None and bias is None:  # plain decode step: same call as transformers' SDPA path
@@ -121,6 +128,66 @@ def agentmem_attention_forward(
         out = torch.matmul(torch.softmax(scores, dim=-1).to(value.dtype), value)
     out = out.reshape(1, hq, n, value.shape[-1])
     return out.transpose(1, 2).contiguous(), None
+
+
+def _head_bias(layer, cache, h: int, n: int, length: int) -> torch.Tensor | None:
+    """fp32 (n, L) additive mask of KV head h for n new queries over its L entries, or None.
+
+    The new entries are the last n of the head: slot j is visible to query i iff j <= L - n + i.
+    Adds the head's beta (when the layer has any) and hides slots outside a sliding window.
+    """
+    window = layer.sliding_window
+    q_last = cache.step_first_pos + n - 1
+    out_of_window = window is not None and layer.min_pos is not None and q_last - layer.min_pos >= window
+    if not layer.has_beta and not out_of_window and n == 1:
+        return None
+    dev = layer.device
+    bias = torch.zeros(n, length, dtype=torch.float32, device=dev)
+    if layer.has_beta:
+        bias += layer.head("beta", h)[:length]
+    hidden = None
+    if n > 1:
+        j = torch.arange(length, device=dev)
+        i = torch.arange(n, device=dev)
+        hidden = j[None, :] > (length - n) + i[:, None]  # (n, L)
+    if out_of_window:
+        qpos = cache.step_first_pos + torch.arange(n, device=dev)
+        far = (qpos[:, None] - layer.head("pos", h)[None, :length].to(torch.long)) >= window
+        hidden = far if hidden is None else hidden | far
+    if hidden is not None:
+        bias.masked_fill_(hidden, float("-inf"))
+    return bias
+
+
+def _per_head_attention(layer, cache, query: torch.Tensor, scale: float, softcap: float | None) -> torch.Tensor:
+    """Attention of query (1, H_q, n, d) over a non-uniform layer, one KV head at a time -> (1, n, H_q, d_v).
+
+    Head h: its rep query heads stacked to (1, 1, rep*n, d) against its own (1, 1, L_h, d) keys and
+    values (views into the layer's flat buffers), with :func:`_head_bias` as the mask.
+    """
+    _, hq, n, d = query.shape
+    hkv = layer.num_heads
+    rep = hq // hkv
+    out = query.new_empty(1, hq, n, layer.v_head_dim)
+    for h in range(hkv):
+        length = layer.lengths[h]
+        k = layer.head("k", h)[None, None, :length]  # (1, 1, L, d)
+        v = layer.head("v", h)[None, None, :length]
+        q = query[:, h * rep : (h + 1) * rep].reshape(1, 1, rep * n, d)  # row r * n + i
+        bias = _head_bias(layer, cache, h, n, length)
+        if bias is not None and rep > 1 and n > 1:
+            bias = bias[None].expand(rep, n, length).reshape(rep * n, length)
+        if softcap is None:
+            mask = None if bias is None else bias.to(query.dtype)[None, None]
+            o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+        else:
+            scores = torch.matmul(q, k.transpose(2, 3)).float() * scale
+            scores = torch.tanh(scores / softcap) * softcap
+            if bias is not None:
+                scores = scores + bias
+            o = torch.matmul(torch.softmax(scores, dim=-1).to(v.dtype), v)
+        out[:, h * rep : (h + 1) * rep] = o.view(1, rep, n, -1)
+    return out.transpose(1, 2).contiguous()
 
 
 AttentionInterface.register(NAME, agentmem_attention_forward)

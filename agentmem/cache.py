@@ -1,10 +1,11 @@
 """CompactedCache: a byte-budgeted KV cache whose entries carry a per-key attention bias.
 
 One :class:`~agentmem.layer_store.CacheLayer` per decoder layer holds keys, values, an fp32 beta,
-the RoPE position and the token index of every entry, with per-KV-head lengths (padding carries
-beta = -inf). ``kv_bytes`` counts every byte of those buffers (capacity and padding included); the
-budget bounds it at all times, including the moment a buffer is re-allocated (old and new copies
-both count).
+the RoPE position and the token index of every entry, with per-KV-head lengths and per-KV-head
+capacities (padding carries beta = -inf). ``kv_bytes`` counts every byte of those buffers (capacity
+and padding included); the budget bounds it at all times, including the moment a buffer is
+re-allocated (old and new copies both count). Capacities grow per head; :meth:`shrink_to_fit`
+trims each head to its own length, so after a non-uniform compaction memory follows the payload.
 
 Logical length (tokens seen) and physical length (entries stored) are separate. RoPE positions
 are never renumbered by compaction; positions.py may rotate keys by an offset (re-basing) or
@@ -66,7 +67,7 @@ class CompactedCache(Cache):
     @property
     def payload_bytes(self) -> int:
         """Bytes of entries in use (keys, values, beta, pos, tok), excluding spare capacity and padding."""
-        return sum(layer.payload_entries * layer.slot_bytes() // layer.num_heads for layer in self.layers)
+        return sum(layer.payload_entries * layer.head_slot_bytes() for layer in self.layers)
 
     @property
     def physical_entries(self) -> int:
@@ -89,39 +90,41 @@ class CompactedCache(Cache):
         self.peak_bytes = max(self.peak_bytes, self.kv_bytes + extra)
 
     # ------------------------------------------------------------------ room
-    def _needed_lengths(self, n: int) -> list[int]:
-        return [layer.max_length + n for layer in self.layers]
+    def _plan_capacities(self, n: int) -> list[list[int]] | None:
+        """Per-layer, per-head capacities that hold n more tokens in every head, or None if the
+        budget cannot hold them.
 
-    def _plan_capacities(self, n: int) -> list[int] | None:
-        """Capacities that hold n more tokens per head, or None if the budget cannot hold them.
-
+        Head h of a layer needs ``lengths[h] + n`` slots; a head that lacks room grows on its own.
         Tries geometric growth first, then exact sizes. A plan is accepted only if its peak, counting
         the old and the new buffer of the layer being re-allocated, stays within ``max_bytes``.
         """
-        need = self._needed_lengths(n)
-        caps = [layer.capacity for layer in self.layers]
-        if all(c >= m for c, m in zip(caps, need)):
-            return caps
+        if all(a + n <= c for layer in self.layers for a, c in zip(layer.lengths, layer._caps)):
+            return [layer.caps for layer in self.layers]
         for geometric in (True, False):
             plan = []
-            for cap, m in zip(caps, need):
-                if cap >= m:
-                    plan.append(cap)
-                elif geometric:
-                    plan.append(_round_up(max(m, int(cap * _GROWTH), _ALIGN)))
-                else:
-                    plan.append(m)
+            for layer in self.layers:
+                caps = []
+                for a, c in zip(layer.lengths, layer._caps):
+                    m = a + n
+                    if c >= m:
+                        caps.append(c)
+                    elif geometric:
+                        caps.append(_round_up(max(m, int(c * _GROWTH), _ALIGN)))
+                    else:
+                        caps.append(m)
+                plan.append(caps)
             if self._plan_peak(plan) <= (self.max_bytes if self.max_bytes is not None else math.inf):
                 return plan
         return None
 
-    def _plan_peak(self, plan: list[int]) -> int:
+    def _plan_peak(self, plan: list[list[int]]) -> int:
+        """Largest kv_bytes while re-allocating layer by layer to ``plan`` (per-layer, per-head caps)."""
         current = [layer.nbytes for layer in self.layers]
         total = sum(current)
         peak = total
-        for i, (layer, cap) in enumerate(zip(self.layers, plan)):
-            if cap != layer.capacity:
-                new = cap * layer.slot_bytes()
+        for i, (layer, caps) in enumerate(zip(self.layers, plan)):
+            if caps != layer._caps:
+                new = sum(caps) * layer.head_slot_bytes()
                 peak = max(peak, total + new)  # old and new buffers of layer i coexist
                 total += new - current[i]
         return max(peak, total)
@@ -137,10 +140,10 @@ class CompactedCache(Cache):
                 f"{n} more tokens need {n * self.bytes_per_token() / 2**20:.2f} MiB more KV memory; "
                 f"the cache holds {self.kv_bytes / 2**20:.2f} of max {self.max_bytes / 2**20:.2f} MiB"
             )
-        for layer, cap in zip(self.layers, plan):
-            if cap != layer.capacity:
-                self._note_peak(cap * layer.slot_bytes())
-                layer.resize(cap)
+        for layer, caps in zip(self.layers, plan):
+            if caps != layer._caps:
+                self._note_peak(sum(caps) * layer.head_slot_bytes())
+                layer.resize(caps)
         self._note_peak()
 
     def max_tokens(self) -> int:
@@ -169,14 +172,15 @@ class CompactedCache(Cache):
         return lo
 
     def shrink_to_fit(self, spare: int = 0) -> None:
-        """Release capacity beyond each layer's length + ``spare`` (when the budget allows the copy)."""
+        """Release capacity beyond each head's length + ``spare`` (rounded up), when the budget
+        allows the transient copy of the layer. Heads of one layer may end with different capacities."""
         for layer in self.layers:
-            cap = _round_up(layer.max_length + spare)
-            if cap < layer.capacity:
-                extra = cap * layer.slot_bytes()
+            caps = [min(c, _round_up(a + spare)) for a, c in zip(layer.lengths, layer._caps)]
+            if sum(caps) < sum(layer._caps):
+                extra = sum(caps) * layer.head_slot_bytes()
                 if self.max_bytes is None or self.kv_bytes + extra <= self.max_bytes:
                     self._note_peak(extra)
-                    layer.resize(cap)
+                    layer.resize(caps)
 
     # ------------------------------------------------------------------ forward protocol
     def begin_forward(self, n: int) -> torch.Tensor:
@@ -208,6 +212,12 @@ class CompactedCache(Cache):
         self._new_pos = self._new_tok = None
 
     def update(self, key_states, value_states, layer_idx: int, *args, **kwargs):
+        """Append the new keys/values (1, H_kv, n, d) of a layer; returns what attention reads.
+
+        A uniform layer returns (1, H_kv, L, d) views of its keys and values (L = longest head).
+        A non-uniform layer returns the new states unchanged: only agentmem attention, which reads
+        the layer's per-head runs itself, can attend over it (no padded copy is built per step).
+        """
         if self._new_pos is None or self._new_pos.numel() != key_states.shape[2]:
             raise RuntimeError(
                 "CompactedCache.update called outside a session forward: call begin_forward(n) first "
@@ -217,8 +227,10 @@ class CompactedCache(Cache):
             raise ValueError("CompactedCache holds one sequence (batch size 1)")
         layer = self.layers[layer_idx]
         layer.append(key_states, value_states, self._new_pos, self._new_tok)
-        lmax = layer.max_length
-        return layer.keys[:, :, :lmax], layer.values[:, :, :lmax]
+        if layer.uniform:  # (1, H, L, d) views: the whole layer for one attention call
+            return layer.kv4d(layer.max_length)
+        # heads of different capacities: agentmem attention reads each head's run from the layer
+        return key_states, value_states
 
     # transformers' Cache API (used by model code and masking utilities)
     def get_seq_length(self, layer_idx: int = 0) -> int:
@@ -284,30 +296,21 @@ class CompactedCache(Cache):
             for start, end, block in sorted(spans, key=lambda x: -x[0]):  # last first: indices stay valid
                 if block is None and start == end:
                     continue
-                layer._write_head(h, start, end, block)
+                layer.write_head(h, start, end, block)
         layer.refresh_meta()
 
     def evict_all_heads(self, layer_idx: int, start: int, end: int) -> None:
-        """Delete slots [start, end) of every head of an even layer (one vectorised move)."""
+        """Delete slots [start, end) of every head of an even layer (one vectorised move when uniform)."""
         layer = self.layers[layer_idx]
-        if not layer.even:
+        if not (layer.even and layer.uniform):
             self.replace_spans(layer_idx, [[(start, end, None)]] * layer.num_heads)
             return
         length = layer.lengths[0]
         if not 0 <= start <= end <= length:
             raise CompactionError(f"layer {layer_idx}: span [{start}, {end}) outside [0, {length})")
-        k = end - start
-        if k == 0:
+        if end == start:
             return
-        tail = slice(end, length)
-        dst = slice(start, length - k)
-        for buf in (layer.keys, layer.values):
-            buf[:, :, dst] = buf[:, :, tail].clone()
-        for buf in (layer.beta, layer.pos, layer.tok):
-            buf[:, dst] = buf[:, tail].clone()
-        for h in range(layer.num_heads):
-            layer._clear(h, length - k, length)
-        layer.lengths = [length - k] * layer.num_heads
+        layer.delete_all_heads(start, end)
         layer.refresh_meta()
 
     def trim_sliding(self, n: int, min_dead: int = 64) -> int:
@@ -324,10 +327,12 @@ class CompactedCache(Cache):
             if w is None or layer.min_pos is None or first - layer.min_pos < w:
                 continue
             lmax = layer.max_length
-            dead = (layer.valid_mask() & (layer.pos[:, :lmax].to(torch.long) <= first - w)).sum(dim=1).tolist()
+            dead = (layer.valid_mask() & (layer.grid("pos", lmax).to(torch.long) <= first - w)).sum(dim=1).tolist()
             if max(dead) < max(1, min_dead):
                 continue
-            if len(set(dead)) == 1 and layer.even:  # entries are position-ordered: the dead ones are a prefix
+            if (
+                len(set(dead)) == 1 and layer.even and layer.uniform
+            ):  # entries are position-ordered: the dead ones are a prefix
                 self.evict_all_heads(idx, 0, dead[0])
             else:
                 self.replace_spans(idx, [[(0, d, None)] for d in dead])
@@ -338,10 +343,7 @@ class CompactedCache(Cache):
         """Independent copy (same budget) for scratch work such as scoring text that does not fit."""
         other = CompactedCache(self.spec, self.dtype, self.device, self.max_bytes)
         for src, dst in zip(self.layers, other.layers):
-            dst.keys, dst.values = src.keys.clone(), src.values.clone()
-            dst.beta, dst.pos, dst.tok = src.beta.clone(), src.pos.clone(), src.tok.clone()
-            dst.lengths = list(src.lengths)
-            dst.has_bias, dst.min_pos = src.has_bias, src.min_pos
+            dst.restore(src.snapshot())
         other.logical_length = self.logical_length
         other.position_offset = self.position_offset
         other.peak_bytes = self.peak_bytes
@@ -359,6 +361,7 @@ class CompactedCache(Cache):
                 {
                     "lengths": list(layer.lengths),
                     "capacity": layer.capacity,
+                    "caps": layer.caps,
                     "has_bias": layer.has_bias,
                     "sliding_window": layer.sliding_window,
                 }

@@ -1,4 +1,4 @@
-"""The ``agentmem`` command line: run, chat, bench."""
+"""The ``agentmem`` command line: run, chat, bench, calibrate."""
 
 from __future__ import annotations
 
@@ -86,6 +86,12 @@ def cmd_bench(args) -> int:
     return importlib.import_module(f"agentmem.bench.{args.what}").main(args.rest)
 
 
+def cmd_calibrate(args) -> int:
+    from .calibrate import main as calibrate_main
+
+    return calibrate_main(args.rest)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="agentmem", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -110,6 +116,10 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("what", choices=["quality", "speed", "online", "positions"])
     bench.add_argument("rest", nargs=argparse.REMAINDER)
     bench.set_defaults(func=cmd_bench)
+
+    calibrate = sub.add_parser("calibrate", help="measure per-head sensitivity curves and write a head profile")
+    calibrate.add_argument("rest", nargs=argparse.REMAINDER)
+    calibrate.set_defaults(func=cmd_calibrate)
     return parser
 
 

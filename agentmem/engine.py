@@ -15,7 +15,7 @@ from contextlib import contextmanager
 
 import torch
 
-from . import reference
+from . import budgets, reference
 from .cache import CompactedCache
 from .compaction.base import CompactionPlan
 from .compaction.driver import execute_plan
@@ -64,6 +64,7 @@ class Engine:
                 f"({self.cache.bytes_per_token()} bytes each); policy {policy.name!r} needs at least "
                 f"{need}: use max_kv_mb >= {math.ceil(self.cache.bytes_for_tokens(need) / MiB * 100) / 100:.2f}"
             )
+        policy.attach(loaded.spec)
         self.compactions: list[CompactionEvent] = []
         self.pinned: list[tuple[int, int]] = []
         self.transcript_ids = array("i")
@@ -131,14 +132,26 @@ class Engine:
         Only query sources that run the model (repeat-prefill, self-study) can be on-policy.
         """
         source = source or plan.queries or "recent"
-        if method.needs_queries and groups > 1 and source in ("repeat-prefill", "self-study"):
-            return self._execute_on_policy(cache, plan, method, source, groups)
         queries, notes = None, []
-        if method.needs_queries:
+        if plan.budgets and method.needs_queries:  # per-context head budgets: from the queries, once
             queries, notes = self.queries(cache, plan, source)
-        event = execute_plan(cache, plan, method, self.policy.name, queries)
+            self._distribute(cache, plan, method, queries)
+        if method.needs_queries and groups > 1 and source in ("repeat-prefill", "self-study"):
+            event = self._execute_on_policy(cache, plan, method, source, groups)
+        else:
+            if method.needs_queries and queries is None:
+                queries, notes = self.queries(cache, plan, source)
+            event = execute_plan(cache, plan, method, self.policy.name, queries)
         event.notes[:0] = notes
+        if getattr(self.policy, "head_budgets", "uniform") != "uniform" or plan.budgets:
+            event.notes.append(f"head budgets: {plan.budgets or self.policy.budgets_description}")
         return event
+
+    def _distribute(self, cache: CompactedCache, plan: CompactionPlan, method, queries: QuerySet) -> None:
+        config = self.policy.config
+        profile = getattr(self.policy, "profile", None) if plan.budgets == "profile+global" else None
+        cap = getattr(method, "query_cap", 8192)
+        budgets.apply_global(plan, cache, queries, cap, getattr(config, "head_floor", 0.1), profile)
 
     def _execute_on_policy(
         self, cache: CompactedCache, plan: CompactionPlan, method, source: str, groups: int

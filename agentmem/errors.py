@@ -25,3 +25,7 @@ class CompactionError(AgentMemError, RuntimeError):
 
 class UnsupportedModelError(AgentMemError, NotImplementedError):
     """The model uses a feature the runtime cannot handle (the message names it)."""
+
+
+class ProfileError(AgentMemError, ValueError):
+    """A per-head budget profile that is missing, corrupt, inconsistent or for another model."""

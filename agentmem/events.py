@@ -53,6 +53,7 @@ class SessionStats:
     pending_tokens: int  # tokens accepted but not yet run through the model (the last one read or sampled)
     position_offset: int  # total re-basing shift: next RoPE position = logical_tokens - position_offset
     compactions: list[CompactionEvent] = field(default_factory=list)
+    head_budgets: str = "uniform"  # how compactions share entries between KV heads (and the profile used)
 
     def as_dict(self) -> dict:
         return asdict(self)

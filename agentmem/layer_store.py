@@ -1,15 +1,23 @@
 """Per-layer storage of a compacted KV cache: one layer's keys, values, beta, positions and token ids.
 
-For a batch of one sequence, a layer holds::
+Every KV head h owns a contiguous run of ``caps[h]`` slots in flat per-layer buffers::
 
-    keys    (1, H_kv, cap, d)     model dtype, post-RoPE
-    values  (1, H_kv, cap, d_v)   model dtype
-    beta    (H_kv, cap)           fp32 additive bias on the attention logit of each key
-    pos     (H_kv, cap)           int32 RoPE position currently baked into each key
-    tok     (H_kv, cap)           int32 logical index of the token each key came from
+    k     (N, d)     model dtype, post-RoPE        N = sum(caps), the layer's slots
+    v     (N, d_v)   model dtype
+    beta  (N,)       fp32 additive bias on the attention logit of each key
+    pos   (N,)       int32 RoPE position currently baked into each key
+    tok   (N,)       int32 logical index of the token each key came from
 
-Each KV head has its own length ``lengths[h] <= cap``; slots past it are padding (keys/values
-zero, beta = -inf) and never receive attention. Within a head, entries are in position order.
+Head h's slots are ``[offs[h], offs[h] + caps[h])``; the first ``lengths[h]`` hold entries, in
+position order, the rest are padding (zero keys/values, beta = -inf, pos = tok = 0).
+
+When every head has the same capacity (``uniform``: the normal case before any non-uniform
+compaction) the buffers are exactly the classic (H, cap, d) layout: :meth:`CacheLayer.kv4d` and
+:meth:`CacheLayer.grid` are free views and attention is one call per layer. After a non-uniform
+compaction :meth:`CacheLayer.resize` gives each head only the capacity it needs, so memory follows
+the payload instead of the longest head; attention then reads each head's run directly
+(``attention.py``). Read through the accessors (:meth:`~CacheLayer.head`, :meth:`~CacheLayer.grid`,
+:meth:`~CacheLayer.gather`, :meth:`~CacheLayer.read_span`), which work in both layouts.
 """
 
 from __future__ import annotations
@@ -24,7 +32,9 @@ from .errors import CompactionError
 
 META_BYTES_PER_SLOT = 4 + 4 + 4  # beta fp32 + pos int32 + tok int32, per (head, slot)
 _GROWTH = 1.5
-_ALIGN = 16  # capacities are multiples of this many slots
+_ALIGN = 16  # capacities are rounded up to multiples of this many slots (except exact fits)
+_NAMES = ("k", "v", "beta", "pos", "tok")
+_FILL = {"k": 0.0, "v": 0.0, "beta": -math.inf, "pos": 0, "tok": 0}
 
 
 def _round_up(n: int, k: int = _ALIGN) -> int:
@@ -71,25 +81,48 @@ class CacheLayer:
         self.is_sliding = sliding_window is not None
         self.is_initialized = True
         self.lengths: list[int] = [0] * num_heads
-        self.has_bias = False  # any beta != 0 or uneven head lengths (padding holds -inf)
+        self.has_beta = False  # some entry has beta != 0
+        self.has_bias = False  # has_beta or uneven head lengths (padding holds -inf)
         self.min_pos: int | None = None  # smallest stored position (python int, refreshed on structural edits)
         # set by CompactedCache.begin_forward / update for the attention path
         self.step_new = 0
         self.step_lengths_before: list[int] = [0] * num_heads
-        self._alloc(0)
+        item = torch.finfo(dtype).bits // 8
+        self._head_slot_bytes = (head_dim + v_head_dim) * item + META_BYTES_PER_SLOT
+        self._alloc([0] * num_heads)
 
-    # ------------------------------------------------------------------ storage
+    # ------------------------------------------------------------------ layout
+    def head_slot_bytes(self) -> int:
+        """Bytes of one slot of one head: key, value, beta, position and token index."""
+        return self._head_slot_bytes
+
     def slot_bytes(self) -> int:
-        item = torch.finfo(self.dtype).bits // 8
-        return self.num_heads * ((self.head_dim + self.v_head_dim) * item + META_BYTES_PER_SLOT)
+        """Bytes one more token costs this layer (a slot in every head)."""
+        return self.num_heads * self._head_slot_bytes
+
+    @property
+    def caps(self) -> list[int]:
+        """Per-head capacities (slots), a copy."""
+        return list(self._caps)
+
+    @property
+    def offs(self) -> list[int]:
+        """Per-head first slot in the flat buffers, a copy."""
+        return list(self._offs)
 
     @property
     def capacity(self) -> int:
-        return int(self.keys.shape[2])
+        """The largest head capacity."""
+        return max(self._caps)
+
+    @property
+    def uniform(self) -> bool:
+        """Every head has the same capacity: the buffers are an (H, cap, ...) grid."""
+        return self._uniform
 
     @property
     def nbytes(self) -> int:
-        return self.capacity * self.slot_bytes()
+        return int(self.k.shape[0]) * self._head_slot_bytes
 
     @property
     def max_length(self) -> int:
@@ -103,67 +136,137 @@ class CacheLayer:
     def even(self) -> bool:
         return min(self.lengths) == max(self.lengths)
 
-    def _alloc(self, cap: int) -> None:
-        h, dev = self.num_heads, self.device
-        self.keys = torch.zeros(1, h, cap, self.head_dim, dtype=self.dtype, device=dev)
-        self.values = torch.zeros(1, h, cap, self.v_head_dim, dtype=self.dtype, device=dev)
-        self.beta = torch.full((h, cap), -math.inf, dtype=torch.float32, device=dev)
-        self.pos = torch.zeros(h, cap, dtype=torch.int32, device=dev)
-        self.tok = torch.zeros(h, cap, dtype=torch.int32, device=dev)
+    def _set_layout(self, caps: Sequence[int]) -> None:
+        self._caps = [int(c) for c in caps]
+        self._offs = [0] * len(self._caps)
+        for h in range(1, len(self._caps)):
+            self._offs[h] = self._offs[h - 1] + self._caps[h - 1]
+        self._uniform = min(self._caps) == max(self._caps)
+        self._offs_t: torch.Tensor | None = None  # device copy of offs, built on demand (gather)
 
-    def resize(self, cap: int) -> None:
-        """Re-allocate to ``cap`` slots (>= every head's length), keeping the content."""
-        if cap < self.max_length:
-            raise ValueError(f"capacity {cap} < stored length {self.max_length}")
-        if cap == self.capacity:
+    def _alloc(self, caps: Sequence[int]) -> None:
+        self._set_layout(caps)
+        n, dev = sum(self._caps), self.device
+        self.k = torch.zeros(n, self.head_dim, dtype=self.dtype, device=dev)
+        self.v = torch.zeros(n, self.v_head_dim, dtype=self.dtype, device=dev)
+        self.beta = torch.full((n,), -math.inf, dtype=torch.float32, device=dev)
+        self.pos = torch.zeros(n, dtype=torch.int32, device=dev)
+        self.tok = torch.zeros(n, dtype=torch.int32, device=dev)
+        self._bind_views()
+
+    def _bind_views(self) -> None:
+        """Cache the (H, cap, ...) grid views of a uniform layer (the per-step hot path uses them)."""
+        self._grids = None
+        if self._uniform:
+            h, cap = self.num_heads, self._caps[0]
+            self._grids = {name: getattr(self, name).view(h, cap, *getattr(self, name).shape[1:]) for name in _NAMES}
+            self._k4, self._v4 = self._grids["k"][None], self._grids["v"][None]  # (1, H, cap, d)
+
+    def _grid_view(self, name: str) -> torch.Tensor:
+        """(H, cap, ...) view of a flat buffer; only for a uniform layer."""
+        return self._grids[name]
+
+    def resize(self, caps: int | Sequence[int]) -> None:
+        """Re-allocate to per-head capacities (an int: the same for every head), keeping the content."""
+        caps = [int(caps)] * self.num_heads if isinstance(caps, int) else [int(c) for c in caps]
+        if len(caps) != self.num_heads or any(c < n for c, n in zip(caps, self.lengths)):
+            raise ValueError(f"capacities {caps} below stored lengths {self.lengths}")
+        if caps == self._caps:
             return
-        old = (self.keys, self.values, self.beta, self.pos, self.tok)
-        self._alloc(cap)
-        n = min(cap, old[0].shape[2])
-        self.keys[:, :, :n] = old[0][:, :, :n]
-        self.values[:, :, :n] = old[1][:, :, :n]
-        self.beta[:, :n] = old[2][:, :n]
-        self.pos[:, :n] = old[3][:, :n]
-        self.tok[:, :n] = old[4][:, :n]
+        was_uniform, old_cap = self._uniform, self._caps[0]
+        old = {name: getattr(self, name) for name in _NAMES}
+        old_offs = self._offs
+        self._alloc(caps)
+        if was_uniform and self._uniform:  # grid to grid: one copy per buffer (padding carries its fill)
+            m = min(old_cap, self._caps[0])
+            for name in _NAMES:
+                self._grid_view(name)[:, :m] = old[name].view(self.num_heads, old_cap, *old[name].shape[1:])[:, :m]
+            return
+        for h, n in enumerate(self.lengths):
+            if n:
+                a, b = old_offs[h], self._offs[h]
+                for name in _NAMES:
+                    getattr(self, name)[b : b + n] = old[name][a : a + n]
+
+    # ------------------------------------------------------------------ reads
+    def head(self, name: str, h: int) -> torch.Tensor:
+        """Head h's slots of buffer ``name`` ("k", "v", "beta", "pos", "tok"): a view (caps[h], ...)."""
+        a = self._offs[h]
+        return getattr(self, name)[a : a + self._caps[h]]
+
+    def kv4d(self, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(1, H, length, d) and (1, H, length, d_v) views of keys and values; uniform layers only."""
+        if not self._uniform:
+            raise RuntimeError("kv4d needs a uniform layer (equal head capacities)")
+        return self._k4[:, :, :length], self._v4[:, :, :length]
+
+    def grid(self, name: str, length: int) -> torch.Tensor:
+        """(H, length) of beta / pos / tok (or (H, length, d) of k / v).
+
+        A view when the layer is uniform (writes go through); otherwise a padded copy (for rare
+        structural edits, never per decode step). ``length`` must not exceed :attr:`capacity`.
+        """
+        if self._uniform:
+            return self._grid_view(name)[:, :length]
+        buf = getattr(self, name)
+        out = torch.full((self.num_heads, length, *buf.shape[1:]), _FILL[name], dtype=buf.dtype, device=buf.device)
+        for h in range(self.num_heads):
+            n = min(length, self._caps[h])
+            out[h, :n] = self.head(name, h)[:n]
+        return out
+
+    def gather(self, name: str, heads: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+        """Entries of several heads at once: heads (B,) long, slots (B, T) long -> (B, T, ...) copy."""
+        if self._offs_t is None:
+            self._offs_t = torch.tensor(self._offs, dtype=torch.long, device=self.device)
+        flat = self._offs_t.to(heads.device)[heads][:, None] + slots
+        return getattr(self, name)[flat]
+
+    def valid_mask(self) -> torch.Tensor:
+        """(H, max_length) bool: which slots hold entries."""
+        lmax = self.max_length
+        return torch.arange(lmax, device=self.device)[None, :] < torch.tensor(self.lengths, device=self.device)[:, None]
+
+    def read_span(self, h: int, start: int, end: int) -> Block:
+        """Copy of slots [start, end) of one head."""
+        return Block(*(self.head(name, h)[start:end].clone() for name in _NAMES))
 
     def refresh_meta(self) -> None:
-        """Recompute flags after a structural edit (compaction, eviction, rotation)."""
+        """Recompute min_pos and the bias flags after a structural edit (compaction, eviction, rotation)."""
         lmax = self.max_length
         if lmax == 0:
-            self.min_pos, self.has_bias = None, False
+            self.min_pos, self.has_beta, self.has_bias = None, False, False
             return
-        valid = (
-            torch.arange(lmax, device=self.device)[None, :] < torch.tensor(self.lengths, device=self.device)[:, None]
-        )
-        pos = self.pos[:, :lmax]
+        valid = self.valid_mask()
+        pos = self.grid("pos", lmax)
         self.min_pos = int(torch.where(valid, pos, torch.iinfo(torch.int32).max).min().item())
-        beta = self.beta[:, :lmax]
-        nonzero = bool(((beta != 0) & valid).any().item())
-        self.has_bias = nonzero or not self.even
+        self.has_beta = bool(((self.grid("beta", lmax) != 0) & valid).any().item())
+        self.has_bias = self.has_beta or not self.even
 
     # ------------------------------------------------------------------ appends
     def append(self, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor, tok: torch.Tensor) -> None:
-        """Append n new entries to every head. k: (1, H, n, d); pos/tok: (n,) int32."""
+        """Append n new entries to every head. k: (1, H, n, d); v: (1, H, n, d_v); pos/tok: (n,) int32."""
         n = k.shape[2]
-        need = self.max_length + n
-        if need > self.capacity:  # only when a caller skipped CompactedCache.reserve
-            self.resize(_round_up(need))
+        if any(a + n > c for a, c in zip(self.lengths, self._caps)):  # only when a caller skipped reserve
+            self.resize([max(c, _round_up(a + n)) for c, a in zip(self._caps, self.lengths)])
         self.step_lengths_before = list(self.lengths)
         self.step_new = n
-        if self.even:
-            a = self.lengths[0]
-            self.keys[:, :, a : a + n] = k
-            self.values[:, :, a : a + n] = v
-            self.beta[:, a : a + n] = 0.0
-            self.pos[:, a : a + n] = pos
-            self.tok[:, a : a + n] = tok
-        else:
-            for h, a in enumerate(self.lengths):
-                self.keys[0, h, a : a + n] = k[0, h]
-                self.values[0, h, a : a + n] = v[0, h]
-                self.beta[h, a : a + n] = 0.0
-                self.pos[h, a : a + n] = pos
-                self.tok[h, a : a + n] = tok
+        if self._uniform and self.even:
+            a, g = self.lengths[0], self._grids
+            self._k4[:, :, a : a + n] = k
+            self._v4[:, :, a : a + n] = v
+            g["beta"][:, a : a + n] = 0.0
+            g["pos"][:, a : a + n] = pos
+            g["tok"][:, a : a + n] = tok
+        else:  # one indexed write per buffer: slots offs[h] + lengths[h] + i, head-major
+            h = self.num_heads
+            first = torch.tensor([o + a for o, a in zip(self._offs, self.lengths)], device=self.device)
+            idx = (first[:, None] + torch.arange(n, device=self.device)[None, :]).reshape(-1)  # (H * n,)
+            self.k.index_copy_(0, idx, k[0].reshape(h * n, -1).to(self.dtype))
+            self.v.index_copy_(0, idx, v[0].reshape(h * n, -1).to(self.dtype))
+            self.beta[idx] = 0.0
+            self.pos.index_copy_(0, idx, pos.to(torch.int32).repeat(h))
+            self.tok.index_copy_(0, idx, tok.to(torch.int32).repeat(h))
         self.lengths = [a + n for a in self.lengths]
         if self.min_pos is None:
             self.min_pos = int(pos[0].item()) if pos.device.type == "cpu" else None
@@ -178,77 +281,57 @@ class CacheLayer:
         self.lengths = list(lengths)
 
     def _clear(self, h: int, a: int, b: int) -> None:
-        self.keys[0, h, a:b] = 0
-        self.values[0, h, a:b] = 0
-        self.beta[h, a:b] = -math.inf
-        self.pos[h, a:b] = 0
-        self.tok[h, a:b] = 0
+        for name in _NAMES:
+            self.head(name, h)[a:b] = _FILL[name]
 
     def snapshot(self) -> tuple:
-        """A copy of everything this layer holds (for undoing a multi-step edit)."""
-        return (
-            self.keys.clone(),
-            self.values.clone(),
-            self.beta.clone(),
-            self.pos.clone(),
-            self.tok.clone(),
-            list(self.lengths),
-        )
+        """A copy of everything this layer holds: (k, v, beta, pos, tok, caps, lengths)."""
+        return (*(getattr(self, name).clone() for name in _NAMES), list(self._caps), list(self.lengths))
 
     def restore(self, state: tuple) -> None:
-        self.keys, self.values, self.beta, self.pos, self.tok, lengths = state
+        """Put back a :meth:`snapshot` (the state's tensors are adopted, not copied)."""
+        *bufs, caps, lengths = state
+        for name, buf in zip(_NAMES, bufs):
+            setattr(self, name, buf)
+        self._set_layout(caps)
+        self._bind_views()
         self.lengths = list(lengths)
         self.refresh_meta()
 
-    # ------------------------------------------------------------------ reads
-    def head(self, name: str, h: int) -> torch.Tensor:
-        """Head h's slots of buffer ``name`` ("k", "v", "beta", "pos", "tok"): a view, first dim = slots."""
-        if name in ("k", "v"):
-            return (self.keys if name == "k" else self.values)[0, h]
-        return getattr(self, name)[h]
-
-    def read_span(self, head: int, start: int, end: int) -> Block:
-        """Copy of slots [start, end) of one head."""
-        return Block(
-            keys=self.keys[0, head, start:end].clone(),
-            values=self.values[0, head, start:end].clone(),
-            beta=self.beta[head, start:end].clone(),
-            pos=self.pos[head, start:end].clone(),
-            tok=self.tok[head, start:end].clone(),
-        )
-
-    def valid_mask(self) -> torch.Tensor:
-        """(H, max_length) bool: which slots hold entries."""
-        lmax = self.max_length
-        return torch.arange(lmax, device=self.device)[None, :] < torch.tensor(self.lengths, device=self.device)[:, None]
-
     # ------------------------------------------------------------------ edits
-    def _write_head(self, h: int, start: int, end: int, block: Block | None) -> None:
+    def write_head(self, h: int, start: int, end: int, block: Block | None) -> None:
         """Replace slots [start, end) of head h by ``block`` (None = delete), shifting the tail."""
         length = self.lengths[h]
         t = 0 if block is None else len(block)
         tail = length - end
         new_len = start + t + tail
-        if new_len > self.capacity:
-            raise CompactionError(f"replacement grows head {h} beyond capacity {self.capacity}")
+        if new_len > self._caps[h]:
+            raise CompactionError(f"replacement grows head {h} beyond its capacity {self._caps[h]}")
         if tail > 0 and t != end - start:
-            sl_src, sl_dst = slice(end, length), slice(start + t, start + t + tail)
-            for buf in (self.keys, self.values):
-                buf[0, h, sl_dst] = buf[0, h, sl_src].clone()
-            for buf in (self.beta, self.pos, self.tok):
-                buf[h, sl_dst] = buf[h, sl_src].clone()
+            for name in _NAMES:
+                buf = self.head(name, h)
+                buf[start + t : start + t + tail] = buf[end:length].clone()
         if t:
-            self.keys[0, h, start : start + t] = block.keys.to(self.dtype)
-            self.values[0, h, start : start + t] = block.values.to(self.dtype)
-            self.beta[h, start : start + t] = block.beta.to(torch.float32)
-            self.pos[h, start : start + t] = block.pos.to(torch.int32)
-            self.tok[h, start : start + t] = block.tok.to(torch.int32)
+            dtypes = (self.dtype, self.dtype, torch.float32, torch.int32, torch.int32)
+            for name, src, dt in zip(_NAMES, (block.keys, block.values, block.beta, block.pos, block.tok), dtypes):
+                self.head(name, h)[start : start + t] = src.to(dt)
         if new_len < length:
             self._clear(h, new_len, length)
         self.lengths[h] = new_len
 
+    def delete_all_heads(self, start: int, end: int) -> None:
+        """Delete slots [start, end) of every head of a uniform, even layer (one move per buffer)."""
+        if not (self._uniform and self.even):
+            raise RuntimeError("delete_all_heads needs a uniform layer with equal head lengths")
+        length, k = self.lengths[0], end - start
+        for name in _NAMES:
+            buf = self._grid_view(name)
+            buf[:, start : length - k] = buf[:, end:length].clone()
+            buf[:, length - k : length] = _FILL[name]
+        self.lengths = [length - k] * self.num_heads
+
     def rotate(self, delta_pos: torch.Tensor, inv_freq: torch.Tensor) -> None:
-        """Rotate stored keys by per-slot position deltas (H, max_length) and record the new positions.
+        """Rotate stored keys by per-slot position deltas (H, >= max_length) and record the new positions.
 
         RoPE with the HF "rotate_half" layout: a key at position p is k0 * cos(p w) + rot(k0) * sin(p w),
         so moving it to p + delta is the same operation with angle delta * w. Done in fp32.
@@ -257,12 +340,25 @@ class CacheLayer:
         if lmax == 0:
             return
         rot_dim = 2 * inv_freq.numel()
-        ang = delta_pos.to(torch.float64)[..., None] * inv_freq.to(self.device, torch.float64)  # (H, L, rot/2)
+        freq = inv_freq.to(self.device, torch.float64)
+        if self._uniform:  # all heads at once on the (H, cap, d) view
+            self._rotate_rows(self._grid_view("k")[:, :lmax], delta_pos[:, :lmax], freq, rot_dim)
+            valid = self.valid_mask()
+            pos = self._grid_view("pos")[:, :lmax]
+            pos.copy_(torch.where(valid, pos + delta_pos[:, :lmax].to(torch.int32), pos))
+            return
+        for h, n in enumerate(self.lengths):
+            if n:
+                self._rotate_rows(self.head("k", h)[:n], delta_pos[h, :n], freq, rot_dim)
+                pos = self.head("pos", h)[:n]
+                pos += delta_pos[h, :n].to(self.device, torch.int32)
+
+    def _rotate_rows(self, keys: torch.Tensor, delta: torch.Tensor, freq: torch.Tensor, rot_dim: int) -> None:
+        """In place: keys (..., L, d) rotated by delta (..., L) positions (first rot_dim features)."""
+        ang = delta.to(self.device, torch.float64)[..., None] * freq  # (..., L, rot/2)
         emb = torch.cat([ang, ang], dim=-1)
         cos, sin = emb.cos().float(), emb.sin().float()
-        k = self.keys[0, :, :lmax, :rot_dim].float()  # (H, L, rot)
         half = rot_dim // 2
-        k_rot = torch.cat([-k[..., half:], k[..., :half]], dim=-1)
-        self.keys[0, :, :lmax, :rot_dim] = (k * cos + k_rot * sin).to(self.dtype)
-        valid = self.valid_mask()
-        self.pos[:, :lmax] = torch.where(valid, self.pos[:, :lmax] + delta_pos.to(torch.int32), self.pos[:, :lmax])
+        x = keys[..., :rot_dim].float()
+        x_rot = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+        keys[..., :rot_dim] = (x * cos + x_rot * sin).to(self.dtype)

@@ -20,11 +20,13 @@ from typing import Annotated, Literal
 import torch
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
+from .budgets import HeadBudgets, HeadProfile, policies_dir, resolve_budgets, retarget, split_target
 from .cache import CompactedCache
 from .compaction.base import CompactionPlan, Method, SpanRequest
 from .errors import BudgetError, UnknownPolicyError
 from .layer_store import CacheLayer
 from .methods import make_method
+from .models import ModelSpec
 
 TokenRange = tuple[int, int]
 _MIN_RECENT = 8
@@ -88,6 +90,19 @@ class AMConfig(BaseModel):
     selection_dtype: Literal["auto", "bfloat16", "float32"] = Field(
         default="float32", description="products used to rank keys; auto = bf16 on CUDA (the fits are always fp32)"
     )
+    head_budgets: HeadBudgets = Field(
+        default="auto",
+        description="how a compaction's entries are shared between KV heads: auto (the model's calibrated "
+        "profile if one is shipped, else uniform), uniform, profile, global (per context, top-k over all heads) "
+        "or profile+global",
+    )
+    offline_head_budgets: HeadBudgets | None = Field(
+        default=None, description="head budgets for session.compact(ratio); None = head_budgets"
+    )
+    profile: str | None = Field(default=None, description="a head profile file (default: the shipped one)")
+    head_floor: float = Field(
+        default=0.1, ge=0.0, le=1.0, description="non-uniform budgets keep at least this x the uniform target per head"
+    )
 
 
 PolicyConfig = Annotated[WindowConfig | AMConfig, Field(discriminator="name")]
@@ -99,7 +114,7 @@ def compactable_runs(layer: CacheLayer, protected: list[TokenRange], keep_recent
     lmax = layer.max_length
     if lmax == 0:
         return [[] for _ in range(layer.num_heads)]
-    tok = layer.tok[:, :lmax].to(torch.long)
+    tok = layer.grid("tok", lmax).to(torch.long)
     free = layer.valid_mask()
     for a, b in protected:
         free &= ~((tok >= a) & (tok < b))
@@ -123,24 +138,11 @@ def _protected_count(layer: CacheLayer, protected: list[TokenRange]) -> list[int
     lmax = layer.max_length
     if lmax == 0 or not protected:
         return [0] * layer.num_heads
-    tok = layer.tok[:, :lmax].to(torch.long)
+    tok = layer.grid("tok", lmax).to(torch.long)
     hit = torch.zeros_like(tok, dtype=torch.bool)
     for a, b in protected:
         hit |= (tok >= a) & (tok < b)
     return (hit & layer.valid_mask()).sum(dim=1).tolist()
-
-
-def _split_target(runs: list[TokenRange], target: int) -> list[int]:
-    """Share ``target`` entries between runs in proportion to their lengths (largest remainder)."""
-    total = sum(e - s for s, e in runs)
-    if total == 0:
-        return [0] * len(runs)
-    target = max(0, min(target, total))
-    raw = [target * (e - s) / total for s, e in runs]
-    out = [int(math.floor(x)) for x in raw]
-    for i in sorted(range(len(runs)), key=lambda i: out[i] - raw[i])[: target - sum(out)]:
-        out[i] += 1
-    return out
 
 
 class Policy:
@@ -149,9 +151,15 @@ class Policy:
     config: BaseModel
     method: Method
 
+    head_budgets = "uniform"  # effective mode after attach(); a one-line description for stats
+    budgets_description = "uniform"
+
     @property
     def name(self) -> str:
         return self.config.name
+
+    def attach(self, spec: ModelSpec) -> None:
+        """Bind to the session's model (e.g. to find its head profile). Called by the engine."""
 
     def sinks(self) -> int:
         return getattr(self.config, "sinks", 0)
@@ -176,7 +184,7 @@ class Policy:
             heads = []
             for h, head_runs in enumerate(runs):
                 keep = round(ratio * layer.lengths[h]) - (layer.lengths[h] - sum(e - s for s, e in head_runs))
-                targets = _split_target(head_runs, keep)
+                targets = split_target([e - s for s, e in head_runs], keep)
                 heads.append([(s, e, t) for (s, e), t in zip(head_runs, targets)])
             plan.requests.append(SpanRequest(idx, heads))
         return plan
@@ -246,6 +254,26 @@ class AMPolicy(Policy):
             selection_dtype=c.selection_dtype,
         )
 
+    profile: HeadProfile | None = None
+    offline_budgets = "uniform"
+
+    def attach(self, spec: ModelSpec) -> None:
+        c = self.config
+        self.head_budgets, self.profile, self.budgets_description = resolve_budgets(c.head_budgets, c.profile, spec)
+        if c.offline_head_budgets is None or c.offline_head_budgets == c.head_budgets:
+            self.offline_budgets = self.head_budgets
+        else:
+            self.offline_budgets, profile, _ = resolve_budgets(c.offline_head_budgets, c.profile, spec)
+            self.profile = self.profile or profile
+
+    def _distribute(self, plan: CompactionPlan, cache: CompactedCache, mode: str) -> CompactionPlan:
+        """Per-head targets: profile shares now; per-context (global) ones once queries exist."""
+        if mode == "profile" and self.profile is not None:
+            retarget(plan, cache, self.profile.weights(), self.config.head_floor)
+        elif mode in ("global", "profile+global"):
+            plan.budgets = mode
+        return plan
+
     def min_tokens(self, chunk: int) -> int:
         # sinks + recent window + a compacted span that can still shrink + the incoming chunk
         return self.config.sinks + _MIN_RECENT + 16 + chunk + 1
@@ -270,14 +298,14 @@ class AMPolicy(Policy):
                 f"policy {self.name!r} has nothing left to compact: protected entries and the "
                 f"{recent}-token recent window fill the budget; raise max_kv_mb or pin less"
             )
-        return plan
+        return self._distribute(plan, cache, self.head_budgets)
 
     def plan_for_ratio(self, cache: CompactedCache, ratio: float, pinned: list[TokenRange]) -> CompactionPlan:
         plan = super().plan_for_ratio(cache, ratio, pinned)
         for request in plan.requests:
             if cache.layers[request.layer].sliding_window is not None:  # drop the oldest, as above
                 request.heads = [[(s, s + (e - s - t), 0) for s, e, t in spans if e - s > t] for spans in request.heads]
-        return plan
+        return self._distribute(plan, cache, self.offline_budgets)
 
     def _offline_queries(self) -> str | None:
         return self.config.offline_queries
@@ -290,9 +318,8 @@ DEFAULT_POLICY = "am-halve"
 
 
 def preset_dir() -> Path:
-    """The policy presets shipped with agentmem (``policies/`` of the source tree / package data)."""
-    inside = Path(__file__).parent / "policies"
-    return inside if inside.is_dir() else Path(__file__).parent.parent / "policies"
+    """The policy presets shipped with agentmem (``policies/`` of the package data or source tree)."""
+    return policies_dir()
 
 
 def available_policies() -> list[str]:

@@ -103,7 +103,7 @@ def _clamp(cache: CompactedCache, n: int, limit: int, band: int) -> int:
         if layer.min_pos is None or q_last - layer.min_pos < limit:
             continue
         lmax = layer.max_length
-        pos = layer.pos[:, :lmax].to(torch.float64)
+        pos = layer.grid("pos", lmax).to(torch.float64)
         far = layer.valid_mask() & (pos < hi)
         pmin = float(layer.min_pos)
         # affine map [pmin, hi - 1] -> [lo, hi - 1]: order kept, slope < 1, every key moves forward

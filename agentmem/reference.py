@@ -47,7 +47,7 @@ def _span_token_range(cache: CompactedCache, plan: CompactionPlan) -> tuple[int,
         for h, spans in enumerate(request.heads):
             for s, e, _ in spans:
                 if e > s:
-                    tok = layer.tok[h, s:e]
+                    tok = layer.head("tok", h)[s:e]
                     a, b = int(tok.min().item()), int(tok.max().item()) + 1
                     lo = a if lo is None else min(lo, a)
                     hi = b if hi is None else max(hi, b)

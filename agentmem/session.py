@@ -115,6 +115,7 @@ class AgentSession:
     @policy.setter
     def policy(self, policy) -> None:
         self.engine.policy = resolve_policy(policy)
+        self.engine.policy.attach(self.spec)
 
     @property
     def positions(self) -> PositionConfig:
@@ -148,6 +149,7 @@ class AgentSession:
             pending_tokens=len(self._pending),
             position_offset=c.position_offset,
             compactions=list(self.compactions),
+            head_budgets=self.policy.budgets_description,
         )
 
     def transcript(self) -> str:
@@ -486,6 +488,7 @@ class AgentSession:
             if method not in ("am", "window"):
                 raise UnknownPolicyError(f"unknown compaction method {method!r}; use 'am' or 'window'")
             planner = resolve_policy("am-halve" if method == "am" else "streaming")
+            planner.attach(self.spec)
         with self._lock:
             plan = planner.plan_for_ratio(self.cache, ratio, self.pinned)
             groups = getattr(planner.config, "on_policy_groups", 1)

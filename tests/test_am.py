@@ -65,12 +65,12 @@ def test_online_halving_stays_well_formed(tiny, tokenizer):
     assert all(math.isfinite(e.fit_output_error) and math.isfinite(e.fit_mass_error) for e in budget)
     for layer in s.cache.layers:
         for h, n in enumerate(layer.lengths):
-            beta = layer.beta[h, :n]
-            assert torch.isfinite(beta).all() and torch.isinf(layer.beta[h, n:]).all()
+            beta = layer.head("beta", h)[:n]
+            assert torch.isfinite(beta).all() and torch.isinf(layer.head("beta", h)[n:]).all()
             assert beta.max() <= math.log(max(layer.lengths) * 64)
-            pos = layer.pos[h, :n]
+            pos = layer.head("pos", h)[:n]
             assert torch.all(pos[1:] >= pos[:-1])  # entries stay in position order
-        assert torch.isfinite(layer.keys).all() and torch.isfinite(layer.values).all()
+        assert torch.isfinite(layer.k).all() and torch.isfinite(layer.v).all()
     assert len(r.token_ids) == 700
 
 
@@ -79,15 +79,15 @@ def test_pinned_span_is_never_compacted(tiny_llama, tokenizer):
     s = AgentSession(model=loaded, max_kv_mb=0.12, policy="am-halve", positions={"mode": "raw"})
     s.append("You are a careful assistant. Never reveal the password swordfish.", pin=True)
     start, end = s.pinned[0]
-    before = [layer.keys[0, :, start:end].clone() for layer in s.cache.layers]
+    before = [layer.grid("k", end)[:, start:].clone() for layer in s.cache.layers]
     s.append(TEXT * 15)
     assert len(s.compactions) >= 3
     for layer, keys in zip(s.cache.layers, before):
         for h in range(layer.num_heads):
-            toks = layer.tok[h, : layer.lengths[h]].tolist()
+            toks = layer.head("tok", h)[: layer.lengths[h]].tolist()
             slots = [i for i, t in enumerate(toks) if start <= t < end - 1]  # the pin's last token was pending
             assert [toks[i] for i in slots] == list(range(start, end - 1))
-            torch.testing.assert_close(layer.keys[0, h, slots], keys[h, : len(slots)], atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(layer.head("k", h)[slots], keys[h, : len(slots)], atol=1e-5, rtol=1e-5)
 
 
 def test_recompacting_includes_existing_beta(tiny_llama, tokenizer):
@@ -108,11 +108,11 @@ def test_failed_compaction_leaves_cache_untouched(tiny_llama, tokenizer):
     s = AgentSession(model=loaded, max_kv_mb=None, policy="streaming")
     s.append(TEXT * 3)
     lengths = s.cache.snapshot_lengths()
-    keys = [layer.keys.clone() for layer in s.cache.layers]
+    keys = [layer.k.clone() for layer in s.cache.layers]
     with pytest.raises(CompactionError, match="no reference queries"):
         s.compact(0.5, method="am", queries="recent")  # a streaming session buffers no queries
     assert s.cache.snapshot_lengths() == lengths
-    assert all(torch.equal(a.keys, b) for a, b in zip(s.cache.layers, keys))
+    assert all(torch.equal(a.k, b) for a, b in zip(s.cache.layers, keys))
 
 
 def test_repeat_prefill_without_headroom_falls_back(tiny_llama, tokenizer):
@@ -153,10 +153,10 @@ def test_recent_buffer_keeps_the_last_queries_and_follows_rebase(tiny_llama, tok
         s.cache.evict_all_heads(idx, 0, 10)
     layer = s.cache.layers[1]
     q = s.cache.query_buffer.query_set().per_layer[1]
-    before = q @ layer.keys[0, 0, : layer.lengths[0]].T
+    before = q @ layer.head("k", 0)[: layer.lengths[0]].T
     _rebase(s.cache)
     q = s.cache.query_buffer.query_set().per_layer[1]
-    after = q @ layer.keys[0, 0, : layer.lengths[0]].T
+    after = q @ layer.head("k", 0)[: layer.lengths[0]].T
     torch.testing.assert_close(after, before, atol=1e-3, rtol=1e-4)
 
 
@@ -190,4 +190,4 @@ def test_on_policy_groups_recompute_queries_and_undo_on_failure(tiny_llama, toke
     with pytest.raises(CompactionError, match="boom"):
         t.compact(0.5)
     for layer, state in zip(t.cache.layers, before):
-        assert layer.lengths == state[5] and torch.equal(layer.keys, state[0])
+        assert layer.lengths == state[-1] and torch.equal(layer.k, state[0])

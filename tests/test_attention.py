@@ -50,13 +50,13 @@ def test_evicting_keys_equals_masked_recompute(tiny, tokenizer):
 
 
 def _insert_copies(layer, slot: int, copies: int) -> None:
-    layer.resize(layer.capacity + copies + 16)
+    layer.resize(layer.capacity + copies + 16)  # uniform
     for h in range(layer.num_heads):
         one = layer.read_span(h, slot, slot + 1)
         block = Block(
             *(t.repeat(copies + 1, *([1] * (t.dim() - 1))) for t in (one.keys, one.values, one.beta, one.pos, one.tok))
         )
-        layer._write_head(h, slot, slot + 1, block)
+        layer.write_head(h, slot, slot + 1, block)
     layer.refresh_meta()
 
 
@@ -70,7 +70,7 @@ def test_beta_log_k_equals_k_copies(tiny, tokenizer):
     read_all(b, prefix)
     slot, k = 3, 3
     for la, lb in zip(a.cache.layers, b.cache.layers):
-        la.beta[:, slot] = math.log(k)
+        la.grid("beta", slot + 1)[:, slot] = math.log(k)
         la.refresh_meta()
         _insert_copies(lb, slot, k - 1)
     assert all(layer.has_bias for layer in a.cache.layers)
@@ -91,13 +91,13 @@ def test_uneven_heads_padding_is_invisible(tiny_llama, tokenizer):
         spans = [[(4, 9, None)], []]  # head 0 loses 5 keys, head 1 keeps all
         cache.replace_spans(idx, spans)
         assert layer.lengths == [19, 24] and layer.has_bias
-        assert torch.isinf(layer.beta[0, 19:24]).all()
+        assert torch.isinf(layer.head("beta", 0)[19:24]).all()
     got = a.engine.run(cache, new, "all", None)
     # reference: the same effect through beta = -inf on the evicted keys of head 0 in an untouched cache
     b = AgentSession(model=loaded, max_kv_mb=None)
     read_all(b, prefix)
     for layer in b.cache.layers:
-        layer.beta[0, 4:9] = -math.inf
+        layer.head("beta", 0)[4:9] = -math.inf
         layer.refresh_meta()
     expected = b.engine.run(b.cache, new, "all", None)
     torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
@@ -112,7 +112,7 @@ def test_decode_and_prefill_paths_agree_with_bias(tiny_llama, tokenizer):
     for s in sessions:
         read_all(s, prefix)
         for layer in s.cache.layers:
-            layer.beta[:, 2:6] = torch.linspace(-1.0, 1.0, 4)
+            layer.grid("beta", 6)[:, 2:6] = torch.linspace(-1.0, 1.0, 4)
             layer.refresh_meta()
     together = sessions[0].engine.run(sessions[0].cache, new, "all", None)
     one_by_one = torch.cat([sessions[1].engine.run(sessions[1].cache, [t], "all", None) for t in new])

@@ -17,7 +17,7 @@ def held_bytes(cache) -> int:
     return sum(
         t.numel() * t.element_size()
         for layer in cache.layers
-        for t in (layer.keys, layer.values, layer.beta, layer.pos, layer.tok)
+        for t in (layer.k, layer.v, layer.beta, layer.pos, layer.tok)
     )
 
 
@@ -63,7 +63,7 @@ def test_failed_replacement_leaves_cache_untouched(tiny_llama, tokenizer):
     s = AgentSession(model=loaded, max_kv_mb=None)
     read_all(s, tokenizer(TEXT)["input_ids"][:20])
     cache = s.cache
-    before = [(layer.keys.clone(), layer.beta.clone(), list(layer.lengths)) for layer in cache.layers]
+    before = [(layer.k.clone(), layer.beta.clone(), list(layer.lengths)) for layer in cache.layers]
     d = loaded.spec.head_dim
     bad = Block(torch.full((2, d), math.nan), torch.zeros(2, d), torch.zeros(2), torch.zeros(2), torch.zeros(2))
     good = Block(torch.zeros(2, d), torch.zeros(2, d), torch.zeros(2), torch.zeros(2), torch.zeros(2))
@@ -74,7 +74,7 @@ def test_failed_replacement_leaves_cache_untouched(tiny_llama, tokenizer):
     with pytest.raises(CompactionError, match="replaces only"):
         cache.replace_spans(0, [[(2, 3, good)], [(2, 8, good)]])
     for layer, (k, beta, lens) in zip(cache.layers, before):
-        assert torch.equal(layer.keys, k) and torch.equal(layer.beta, beta) and layer.lengths == lens
+        assert torch.equal(layer.k, k) and torch.equal(layer.beta, beta) and layer.lengths == lens
 
 
 def test_failed_forward_rolls_back(tiny_llama, tokenizer):
@@ -100,12 +100,12 @@ def test_rotation_round_trip_and_positions(tiny, tokenizer):
     s = AgentSession(model=loaded, max_kv_mb=None)
     read_all(s, tokenizer(TEXT)["input_ids"][:20])
     for idx, layer in enumerate(s.cache.layers):
-        k0, p0 = layer.keys.clone(), layer.pos.clone()
+        k0, p0 = layer.k.clone(), layer.grid("pos", 20).clone()
         delta = torch.randint(-50, 50, (layer.num_heads, layer.max_length))
         layer.rotate(delta, loaded.spec.inv_freq[idx])
-        assert torch.equal(layer.pos[:, :20], p0[:, :20] + delta.int())
+        assert torch.equal(layer.grid("pos", 20), p0 + delta.int())
         layer.rotate(-delta, loaded.spec.inv_freq[idx])
-        torch.testing.assert_close(layer.keys, k0, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(layer.k, k0, atol=1e-5, rtol=1e-5)
 
 
 def test_update_outside_session_is_an_error(tiny_llama, tokenizer):

@@ -41,8 +41,8 @@ def test_sinks_survive_compaction(tiny_llama, tokenizer):
     s = AgentSession(model=loaded, max_kv_mb=0.06, policy="streaming")
     s.append(TEXT * 10)
     for layer in s.cache.layers:
-        assert layer.tok[:, :4].tolist() == [[0, 1, 2, 3]] * layer.num_heads
-        recent = layer.tok[0, 4 : layer.lengths[0]]
+        assert layer.grid("tok", 4).tolist() == [[0, 1, 2, 3]] * layer.num_heads
+        recent = layer.head("tok", 0)[4 : layer.lengths[0]]
         assert torch.all(recent[1:] == recent[:-1] + 1)  # one contiguous recent window
         assert int(recent[-1]) == s.stats.logical_tokens - 1
 
@@ -175,7 +175,7 @@ def test_truncate_policy_keeps_no_sinks(tiny_llama, tokenizer):
     _, loaded = tiny_llama
     s = AgentSession(model=loaded, max_kv_mb=0.06, policy="truncate")
     s.append(TEXT * 10)
-    assert int(s.cache.layers[0].tok[0, 0]) > 10
+    assert int(s.cache.layers[0].head("tok", 0)[0]) > 10
 
 
 def test_presets_and_custom_sampling_hook(tiny_llama, tokenizer):

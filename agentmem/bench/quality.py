@@ -48,9 +48,9 @@ METHODS: dict[str, tuple[dict | str, dict, str]] = {
         "AM, a uniform sample of 512 of the context's own queries (free)",
     ),
     "evict-rp": (
-        {"name": "am-halve", "fit_beta": False, "fit_values": False},
+        {"name": "am-halve", "head_budgets": "uniform", "fit_beta": False, "fit_values": False},
         {"method": "am"},
-        "same keys as `am`, beta = 0 and copied values (KVzip-style uniform eviction)",
+        "highest-attention keys, uniform budgets, beta = 0 and copied values (KVzip-style uniform eviction)",
     ),
 }
 # ablations of `am` (not run by default): what the defaults buy
@@ -68,8 +68,33 @@ ABLATIONS: dict[str, tuple[dict | str, dict, str]] = {
         "`am` selecting chunk by chunk (uniform per chunk), fits on random queries",
     ),
 }
+# per-head budgets at equal total entries (not run by default; `am` uses the shipped profile when one matches)
+BUDGETS: dict[str, tuple[dict | str, dict, str]] = {
+    "am-uniform": ("am-halve-uniform", {"method": "am"}, "`am`, every KV head keeps the same number of entries"),
+    "am-profile": (
+        {"name": "am-halve", "head_budgets": "profile"},
+        {"method": "am"},
+        "`am`, per-head shares from the calibrated profile",
+    ),
+    "am-global": (
+        {"name": "am-halve", "head_budgets": "global"},
+        {"method": "am"},
+        "`am`, per-context global top-k of repeat-prefill attention over all heads (KVzip-style allocation)",
+    ),
+    "am-mixed": (
+        {"name": "am-halve", "head_budgets": "profile+global"},
+        {"method": "am"},
+        "`am`, mean of the profile and the global allocation",
+    ),
+    "evict-global": (
+        {"name": "am-halve", "head_budgets": "global", "fit_beta": False, "fit_values": False},
+        {"method": "am"},
+        "global allocation, selected keys, beta = 0, copied values (our KVzip-like eviction)",
+    ),
+}
 METHODS.update(ABLATIONS)
-DEFAULT_METHODS = [m for m in METHODS if m not in ABLATIONS]
+METHODS.update(BUDGETS)
+DEFAULT_METHODS = [m for m in METHODS if m not in ABLATIONS and m not in BUDGETS]
 COPY_SPAN = (300, 812)
 
 
@@ -168,7 +193,8 @@ def to_markdown(data: dict, command: str) -> str:
         "# Quality: compaction vs the full cache",
         "",
         f"Model `{data['model']}`, first {data['context']} tokens of each file as context, every method keeping "
-        f"`round(ratio x {data['context']})` entries per KV head and layer. `kl`: KL(full || compacted) of the "
+        f"`round(ratio x {data['context']})` entries per KV head and layer on average (the same total for every "
+        "method). `kl`: KL(full || compacted) of the "
         f"next-token distributions over the next {data['continuation']} tokens; `cont`: their dNLL; `copy`: dNLL of "
         f"reproducing context tokens {COPY_SPAN[0]}..{COPY_SPAN[1]} right after the context (recall); `cost`: "
         "compaction time / prefill time of the context, same run. Lower is better everywhere.",

@@ -72,7 +72,7 @@ class AttentionMatching:
         if not (self.span_selection and self.selection in REDUCTIONS) or target in (0, end - start):
             return [(cs, ce, ct, None, None) for cs, ce, ct in split_chunks(start, end, target, self.chunk)]
         slots = torch.arange(start, end, device=layer.device)
-        k, bias = layer.keys[0, h, start:end][None], layer.beta[h, start:end][None]
+        k, bias = layer.head("k", h)[start:end][None], layer.head("beta", h)[start:end][None]
         reduce = REDUCTIONS[self.selection]
         chunks = split_chunks(start, end, 0, self.chunk)
         shares = None
@@ -146,9 +146,9 @@ class AttentionMatching:
             if all(m[4] is not None for m in members):
                 scores = torch.stack([m[4] for m in members])  # (B, n_fit, T) slices of the span's S
             q_fit = torch.stack([q[m[0]][m[5]] for m in members])  # (B, n_fit, d)
-            k = layer.keys[0][heads[:, None], slots]  # (B, T, d)
-            v = layer.values[0][heads[:, None], slots]
-            bias = layer.beta[heads[:, None], slots]  # (B, T) fp32, the beta the entries already carry
+            k = layer.gather("k", heads, slots)  # (B, T, d)
+            v = layer.gather("v", heads, slots)
+            bias = layer.gather("beta", heads, slots)  # (B, T) fp32, the beta the entries already carry
             res = attention_match(
                 q_fit,
                 k,
@@ -172,11 +172,11 @@ class AttentionMatching:
                 h, cs, n_keep = m[0], m[1], m[6]
                 s = sel_slots[b, :n_keep]
                 fitted[(h, cs)] = Block(
-                    keys=layer.keys[0, h, s].clone(),
+                    keys=layer.head("k", h)[s],
                     values=res.values[b, :n_keep].to(layer.dtype),
                     beta=res.beta[b, :n_keep],
-                    pos=layer.pos[h, s].clone(),
-                    tok=layer.tok[h, s].clone(),
+                    pos=layer.head("pos", h)[s],
+                    tok=layer.head("tok", h)[s],
                 )
                 if not bool(res.values_ok[b]):
                     report.notes.append(f"layer {layer_idx} head {h} slots {cs}+: value fit failed, copied values")

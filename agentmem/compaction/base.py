@@ -40,6 +40,7 @@ class CompactionPlan:
     reason: str
     requests: list[SpanRequest] = field(default_factory=list)
     queries: str | None = None  # the query source the method needs (None: it needs none)
+    budgets: str | None = None  # per-head targets still to be set from the queries ("global", "profile+global")
 
     @property
     def empty(self) -> bool:
