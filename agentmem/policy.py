@@ -97,7 +97,9 @@ class AMConfig(BaseModel):
         "or profile+global",
     )
     offline_head_budgets: HeadBudgets | None = Field(
-        default=None, description="head budgets for session.compact(ratio); None = head_budgets"
+        default="global",
+        description="head budgets for session.compact(ratio), where repeat-prefill queries make the per-context "
+        "global allocation possible (docs/benchmarks/quality_budgets.md); None = head_budgets",
     )
     profile: str | None = Field(default=None, description="a head profile file (default: the shipped one)")
     head_floor: float = Field(

@@ -162,7 +162,11 @@ def test_recent_buffer_keeps_the_last_queries_and_follows_rebase(tiny_llama, tok
 
 def test_on_policy_groups_recompute_queries_and_undo_on_failure(tiny_llama, tokenizer, monkeypatch):
     _, loaded = tiny_llama
-    full = AgentSession(model=loaded, max_kv_mb=None, policy={"name": "am-halve", "on_policy_groups": 3})
+    full = AgentSession(
+        model=loaded,
+        max_kv_mb=None,
+        policy={"name": "am-halve", "on_policy_groups": 3, "offline_head_budgets": "uniform"},
+    )
     full.append(TEXT * 6)
     s = full.fork()
     calls = []

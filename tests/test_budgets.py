@@ -71,7 +71,11 @@ def test_bad_profiles_are_rejected_and_fall_back_to_uniform(tiny_llama, tmp_path
         mode, profile, desc = resolve_budgets("profile", str(other), spec)
     assert mode == "uniform" and profile is None and "rejected" in desc
     with pytest.warns(UserWarning, match="using uniform budgets"):
-        s = AgentSession(model=loaded, max_kv_mb=None, policy={"name": "am-halve", "profile": str(path)})
+        s = AgentSession(
+            model=loaded,
+            max_kv_mb=None,
+            policy={"name": "am-halve", "offline_head_budgets": None, "profile": str(path)},
+        )
     assert s.stats.head_budgets.startswith("uniform")
     s.append(TEXT * 3)
     s.compact(0.5)  # still works, uniformly
@@ -86,7 +90,7 @@ def test_profile_budgets_follow_shares_at_equal_total(tiny_llama, tmp_path):
     uniform = AgentSession(model=loaded, max_kv_mb=None, policy="am-halve-uniform")
     uniform.append(TEXT * 6)
     prof = uniform.fork()
-    prof.policy = {"name": "am-halve", "head_budgets": "profile", "profile": str(path)}
+    prof.policy = {"name": "am-halve", "head_budgets": "profile", "offline_head_budgets": None, "profile": str(path)}
     assert prof.stats.head_budgets.startswith("profile")
     uniform.compact(0.25)
     ev = prof.compact(0.25)

@@ -301,7 +301,7 @@ def test_generation_continues_after_nonuniform_compaction(tiny, tokenizer):
 def test_am_compaction_of_nonuniform_layers(tiny_llama, tokenizer):
     """Attention Matching reads a non-uniform layer through head() / gather()."""
     _, loaded = tiny_llama
-    s = AgentSession(model=loaded, max_kv_mb=None, policy="am-halve")
+    s = AgentSession(model=loaded, max_kv_mb=None, policy="am-halve-uniform")  # every head shrinks
     s.append(TEXT * 4)
     cache = s.cache
     for idx, layer in enumerate(cache.layers):

@@ -30,40 +30,57 @@ from .common import environment, stdlib_text, write_report
 # name -> (policy settings of the base session, compact() keyword arguments, description)
 METHODS: dict[str, tuple[dict | str, dict, str]] = {
     "window": ("streaming", {"method": "window"}, "4 sinks + most recent tokens (StreamingLLM)"),
-    "am": ("am-halve", {"method": "am"}, "AM, highest-attention keys, repeat-prefill queries (default offline)"),
+    "am": (
+        "am-halve-uniform",
+        {"method": "am"},
+        "AM, highest-attention keys, repeat-prefill queries, uniform head budgets (the default offline "
+        "allocation is global: `am-global` in quality_budgets.md)",
+    ),
     "am-omp": (
-        {"name": "am-halve", "selection": "omp", "omp_step": 8},
+        {"name": "am-halve", "offline_head_budgets": "uniform", "selection": "omp", "omp_step": 8},
         {"method": "am"},
         "AM, OMP keys (8 per refit), repeat-prefill queries",
     ),
     "am-onpolicy": (
-        {"name": "am-halve", "on_policy_groups": 3},
+        {"name": "am-halve", "offline_head_budgets": "uniform", "on_policy_groups": 3},
         {"method": "am"},
         "`am`, on-policy: queries recomputed for 3 layer groups in turn",
     ),
-    "am-recent": ("am-halve", {"method": "am", "queries": "recent"}, "AM, queries of the last 128 tokens (free)"),
+    "am-recent": (
+        "am-halve-uniform",
+        {"method": "am", "queries": "recent"},
+        "AM, queries of the last 128 tokens (free)",
+    ),
     "am-context": (
-        {"name": "am-halve", "queries": "context", "query_buffer": 512},
+        {"name": "am-halve", "offline_head_budgets": "uniform", "queries": "context", "query_buffer": 512},
         {"method": "am", "queries": "context"},
         "AM, a uniform sample of 512 of the context's own queries (free)",
     ),
     "evict-rp": (
-        {"name": "am-halve", "head_budgets": "uniform", "fit_beta": False, "fit_values": False},
+        {"name": "am-halve", "offline_head_budgets": "uniform", "fit_beta": False, "fit_values": False},
         {"method": "am"},
         "highest-attention keys, uniform budgets, beta = 0 and copied values (KVzip-style uniform eviction)",
     ),
 }
 # ablations of `am` (not run by default): what the defaults buy
 ABLATIONS: dict[str, tuple[dict | str, dict, str]] = {
-    "am-q2048": ({"name": "am-halve", "query_cap": 2048}, {"method": "am"}, "`am` ranking keys with 2048 queries"),
-    "am-beta-only": ({"name": "am-halve", "fit_values": False}, {"method": "am"}, "`am` with copied values"),
+    "am-q2048": (
+        {"name": "am-halve", "offline_head_budgets": "uniform", "query_cap": 2048},
+        {"method": "am"},
+        "`am` ranking keys with 2048 queries",
+    ),
+    "am-beta-only": (
+        {"name": "am-halve", "offline_head_budgets": "uniform", "fit_values": False},
+        {"method": "am"},
+        "`am` with copied values",
+    ),
     "am-weak-ridge": (
-        {"name": "am-halve", "ridge": 1e-3},
+        {"name": "am-halve", "offline_head_budgets": "uniform", "ridge": 1e-3},
         {"method": "am"},
         "`am` with a weak pull of the values toward the copied ones",
     ),
     "am-random-fit": (
-        {"name": "am-halve", "span_selection": False},
+        {"name": "am-halve", "offline_head_budgets": "uniform", "span_selection": False},
         {"method": "am"},
         "`am` selecting chunk by chunk (uniform per chunk), fits on random queries",
     ),
@@ -72,22 +89,22 @@ ABLATIONS: dict[str, tuple[dict | str, dict, str]] = {
 BUDGETS: dict[str, tuple[dict | str, dict, str]] = {
     "am-uniform": ("am-halve-uniform", {"method": "am"}, "`am`, every KV head keeps the same number of entries"),
     "am-profile": (
-        {"name": "am-halve", "head_budgets": "profile"},
+        {"name": "am-halve", "head_budgets": "profile", "offline_head_budgets": "profile"},
         {"method": "am"},
         "`am`, per-head shares from the calibrated profile",
     ),
     "am-global": (
-        {"name": "am-halve", "head_budgets": "global"},
+        {"name": "am-halve", "head_budgets": "global", "offline_head_budgets": "global"},
         {"method": "am"},
         "`am`, per-context global top-k of repeat-prefill attention over all heads (KVzip-style allocation)",
     ),
     "am-mixed": (
-        {"name": "am-halve", "head_budgets": "profile+global"},
+        {"name": "am-halve", "head_budgets": "profile+global", "offline_head_budgets": "profile+global"},
         {"method": "am"},
         "`am`, mean of the profile and the global allocation",
     ),
     "evict-global": (
-        {"name": "am-halve", "head_budgets": "global", "fit_beta": False, "fit_values": False},
+        {"name": "am-halve", "offline_head_budgets": "global", "fit_beta": False, "fit_values": False},
         {"method": "am"},
         "global allocation, selected keys, beta = 0, copied values (our KVzip-like eviction)",
     ),
