@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 
 import pytest
+import torch
 
 from agentmem import AgentSession
 
@@ -21,14 +22,18 @@ def gemma():
 
 
 def test_gemma_2000_tokens_under_16_mib(gemma):
+    torch.manual_seed(0)
     s = AgentSession(model=gemma, max_kv_mb=16)
     worst = 0
     pieces = []
-    for ev in s.stream("The history of the lighthouse begins", max_new_tokens=2000, ignore_eos=True):
+    for ev in s.stream(
+        "The history of the lighthouse begins", max_new_tokens=2000, temperature=0.8, top_p=0.95, ignore_eos=True
+    ):
         worst = max(worst, s.cache.kv_bytes)
         pieces.append(ev.text)
     st = s.stats
     assert worst <= 16 * 2**20 and st.peak_kv_bytes <= 16 * 2**20
     assert len(st.compactions) >= 3
     assert st.logical_tokens >= 2000 > 3 * st.physical_tokens
-    assert len(set("".join(pieces).split())) > 50
+    assert len(set("".join(pieces).split())) > 50  # text keeps coming (sampled: greedy Gemma loops)
+    assert st.head_budgets.startswith("profile")  # the shipped Gemma profile was found

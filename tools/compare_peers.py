@@ -3,9 +3,9 @@
 The peer numbers are quoted from the project's PEERS.md (kvpress presses and the reference
 Attention Matching code, run on SmolLM2-135M-Instruct, the first 2,048 tokens of CPython 3.11's
 argparse.py, dNLL of the next 512 tokens / of reproducing tokens 300..812 right after the
-context). They were not re-run here; ours come from docs/benchmarks/quality.json.
+context). They were not re-run here; ours come from docs/benchmarks/quality.json and quality_budgets.json.
 
-    python tools/compare_peers.py [--quality docs/benchmarks/quality.json] [--out docs/benchmarks/peers.md]
+    python tools/compare_peers.py [--quality Q.json ...] [--out docs/benchmarks/peers.md]
 """
 
 from __future__ import annotations
@@ -63,21 +63,27 @@ def _cell(v: tuple[float, float] | None) -> str:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--quality", type=Path, default=Path("docs/benchmarks/quality.json"))
+    p.add_argument(
+        "--quality",
+        type=Path,
+        nargs="+",
+        default=[Path("docs/benchmarks/quality.json"), Path("docs/benchmarks/quality_budgets.json")],
+    )
     p.add_argument("--out", type=Path, default=Path("docs/benchmarks/peers.md"))
     args = p.parse_args()
-    data = json.loads(args.quality.read_text())
     ours: dict[str, dict[float, tuple[float, float]]] = {}
-    for r in data["rows"]:
-        if r["method"] != "full" and r["file"].endswith("argparse.py"):
-            ours.setdefault(r["method"], {})[r["ratio"]] = (r["cont_dnll"], r["copy_dnll"])
+    for path in args.quality:
+        for r in json.loads(path.read_text())["rows"]:
+            if r["method"] != "full" and r["file"].endswith("argparse.py"):
+                ours.setdefault(r["method"], {})[r["ratio"]] = (r["cont_dnll"], r["copy_dnll"])
     lines = [
         "# agentmem next to the peers of PEERS.md",
         "",
         "Same model (SmolLM2-135M-Instruct), same context (first 2,048 tokens of `argparse.py`), same measures: "
         "cont = dNLL of the next 512 tokens, copy = dNLL of reproducing tokens 300..812 right after the context, "
         "both vs the full cache; lower is better. Peer rows are quoted from PEERS.md (not re-run here); "
-        f"agentmem rows come from `{args.quality}` (`agentmem bench quality`). Cells: cont / copy.",
+        f"agentmem rows come from {', '.join(f'`{q}`' for q in args.quality)} (`agentmem bench quality`). "
+        "Cells: cont / copy.",
         "",
         "| method | " + " | ".join(f"keep {r}" for r in RATIOS) + " |",
         "|---|" + "---:|" * len(RATIOS),

@@ -66,6 +66,20 @@ def _gather_rows(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     return torch.gather(x, 1, idx[..., None].expand(-1, -1, x.shape[-1]))
 
 
+def spd_solve(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Solve a x = b for symmetric positive definite a (B, t, t), b (B, t, k) -> (x, ok (B,) bool).
+
+    Cholesky, not LU: the systems here are ridge-regularised normal equations, and MKL's pivoted LU
+    was seen to fail on well-conditioned batches inside pytest on a 2-core machine. A batch whose
+    factorisation fails gets x = 0 and ok = False.
+    """
+    chol, info = torch.linalg.cholesky_ex(a)
+    ok = info == 0
+    eye = torch.eye(a.shape[-1], dtype=a.dtype, device=a.device).expand_as(a)
+    x = torch.cholesky_solve(b, torch.where(ok[:, None, None], chol, eye))
+    return torch.where(ok[:, None, None], x, torch.zeros_like(x)), ok
+
+
 def fit_mass(
     e_sel: torch.Tensor, m: torch.Tensor, lo: float, hi: torch.Tensor | float, iters: int = 100, ridge: float = 1e-4
 ) -> torch.Tensor:
@@ -87,8 +101,8 @@ def fit_mass(
     eye = torch.eye(t, dtype=gram.dtype, device=gram.device)
     gram = gram + lam[:, None, None] * eye
     rhs = rhs + (lam * c)[:, None]
-    w = torch.linalg.solve(gram, rhs)
-    w = torch.nan_to_num(w, nan=1.0, posinf=1.0, neginf=1.0)
+    w, _ = spd_solve(gram, rhs[..., None])
+    w = torch.nan_to_num(w.squeeze(-1), nan=1.0, posinf=1.0, neginf=1.0)
     hi_t = torch.as_tensor(hi, dtype=w.dtype, device=w.device)
     if hi_t.dim() == 1:
         hi_t = hi_t[:, None]
@@ -132,12 +146,16 @@ def fit_values(
     fro = gram.diagonal(dim1=1, dim2=2).sum(dim=-1)  # trace(P^T P) = trace(P P^T)
     lam = (ridge * fro / t).clamp_min(1e-12 * fro.clamp_min(1e-30))[:, None, None]
     eye = torch.eye(gram.shape[-1], dtype=gram.dtype, device=gram.device)
-    sol = torch.linalg.solve(gram + lam * eye, rhs)
-    delta = sol if t <= n else p32.double().transpose(1, 2) @ sol
+    # a non-finite system (e.g. a query whose softmax had no finite logit) must not reach LAPACK
+    finite = torch.isfinite(gram).all(dim=(1, 2)) & torch.isfinite(rhs).all(dim=(1, 2)) & torch.isfinite(lam[:, 0, 0])
+    a = torch.where(finite[:, None, None], gram + lam * eye, eye.expand_as(gram))
+    b = torch.where(finite[:, None, None], rhs, torch.zeros_like(rhs))
+    sol, solved = spd_solve(a, b)
+    delta = sol if t <= n else torch.nan_to_num(p32.double()).transpose(1, 2) @ sol
     v0 = v0.double()
     c = v0 + delta
     scale = prior.abs().amax(dim=(1, 2)).double().clamp_min(1e-6)
-    ok = torch.isfinite(c).all(dim=(1, 2)) & (c.abs().amax(dim=(1, 2)) <= 1e3 * scale)
+    ok = finite & solved & torch.isfinite(c).all(dim=(1, 2)) & (c.abs().amax(dim=(1, 2)) <= 1e3 * scale)
     c = torch.where(ok[:, None, None], c, v0)
     return c.float(), ok
 
