@@ -230,12 +230,19 @@ def _set_head_targets(request: SpanRequest, h: int, target: int) -> None:
     request.heads[h] = [(s, e, t) for (s, e, _), t in zip(spans, parts)]
 
 
-def retarget(plan: CompactionPlan, cache: CompactedCache, weights: dict[tuple[int, int], float], floor: float) -> None:
-    """Redistribute the plan's total target over heads in proportion to ``weights[(layer, head)]``."""
+def retarget(
+    plan: CompactionPlan,
+    cache: CompactedCache,
+    weights: dict[tuple[int, int], float],
+    floor: float,
+    max_keep: float = 1.0,
+) -> None:
+    """Redistribute the plan's total target over heads in proportion to ``weights[(layer, head)]``;
+    no head keeps more than ``max_keep`` of its span (online: every head must make some room)."""
     pairs = _heads(plan, cache)
     if not pairs:
         return
-    caps = torch.tensor([sum(e - s for s, e, _ in r.heads[h]) for r, h in pairs])
+    caps = torch.tensor([int(max_keep * sum(e - s for s, e, _ in r.heads[h])) for r, h in pairs])
     uniform = torch.tensor([sum(t for *_, t in r.heads[h]) for r, h in pairs])
     w = torch.tensor([weights.get((r.layer, h), 0.0) for r, h in pairs])
     targets = water_fill(caps, w, int(uniform.sum()), floor * uniform.double())

@@ -111,6 +111,9 @@ class Engine:
                 break
             plan = self.policy.plan_for_budget(cache, n, self.pinned)
             event = self.execute(cache, plan, self.policy.method)
+            # release what the compaction freed: with uneven heads, a head that kept all its entries
+            # can only grow into memory given back by the others
+            cache.shrink_to_fit(spare=n)
             if record is not None:
                 record.append(event)
             if event.payload_bytes_after >= event.payload_bytes_before:

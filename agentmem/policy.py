@@ -30,6 +30,7 @@ from .models import ModelSpec
 
 TokenRange = tuple[int, int]
 _MIN_RECENT = 8
+_ONLINE_MAX_KEEP = 0.75
 
 
 class WindowConfig(BaseModel):
@@ -268,10 +269,12 @@ class AMPolicy(Policy):
             self.offline_budgets, profile, _ = resolve_budgets(c.offline_head_budgets, c.profile, spec)
             self.profile = self.profile or profile
 
-    def _distribute(self, plan: CompactionPlan, cache: CompactedCache, mode: str) -> CompactionPlan:
+    def _distribute(
+        self, plan: CompactionPlan, cache: CompactedCache, mode: str, max_keep: float = 1.0
+    ) -> CompactionPlan:
         """Per-head targets: profile shares now; per-context (global) ones once queries exist."""
         if mode == "profile" and self.profile is not None:
-            retarget(plan, cache, self.profile.weights(), self.config.head_floor)
+            retarget(plan, cache, self.profile.weights(), self.config.head_floor, max_keep)
         elif mode in ("global", "profile+global"):
             plan.budgets = mode
         return plan
@@ -300,7 +303,8 @@ class AMPolicy(Policy):
                 f"policy {self.name!r} has nothing left to compact: protected entries and the "
                 f"{recent}-token recent window fill the budget; raise max_kv_mb or pin less"
             )
-        return self._distribute(plan, cache, self.head_budgets)
+        # online, every head gives back at least a quarter of its span, so every layer has room to grow
+        return self._distribute(plan, cache, self.head_budgets, max_keep=_ONLINE_MAX_KEEP)
 
     def plan_for_ratio(self, cache: CompactedCache, ratio: float, pinned: list[TokenRange]) -> CompactionPlan:
         plan = super().plan_for_ratio(cache, ratio, pinned)

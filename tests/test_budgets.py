@@ -143,3 +143,23 @@ def test_calibration_on_a_tiny_model_writes_a_valid_profile(tiny_llama, tmp_path
 
 def test_uniform_preset_is_shipped():
     assert "am-halve-uniform" in available_presets()
+
+
+def test_online_profile_budgets_keep_generating_within_budget(tiny_llama, tmp_path):
+    """A profile that favours one layer: online halvings stay in budget and do not thrash."""
+    _, loaded = tiny_llama
+    path = tmp_path / "skewed.json"
+    write_profile(_profile(loaded.spec, [[0.45, 0.45], [0.025, 0.025], [0.025, 0.025]]), path)
+    runs = {}
+    for name, policy in {
+        "profile": {"name": "am-halve", "recent": 16, "head_budgets": "profile", "profile": str(path)},
+        "uniform": {"name": "am-halve", "recent": 16, "head_budgets": "uniform"},
+    }.items():
+        s = AgentSession(model=loaded, max_kv_mb=0.12, policy=policy)
+        r = s.generate(TEXT, max_new_tokens=400, ignore_eos=True)
+        assert r.stats.generated_tokens == 400
+        assert s.stats.peak_kv_bytes <= s.stats.max_kv_bytes
+        runs[name] = s
+    layers = runs["profile"].cache.layers
+    assert min(layers[0].lengths) > max(layers[1].lengths)  # the favoured layer kept more
+    assert len(runs["profile"].compactions) <= 2 * len(runs["uniform"].compactions)

@@ -33,6 +33,15 @@ def _session_generate(loaded, ids: list[int], n: int, max_kv_mb: float | None) -
     return r.stats.prefill_seconds, r.stats.decode_seconds, len(r.stats.compactions)
 
 
+def _decode_after_compaction(loaded, ids: list[int], n: int, budgets: str) -> float:
+    """Decode tokens/s after compacting the prompt to half its size with the given head budgets."""
+    s = AgentSession(model=loaded, max_kv_mb=None, policy={"name": "am-halve", "offline_head_budgets": budgets})
+    s.append_tokens(ids)
+    s.compact(0.5, queries="recent")
+    r = s.generate(" The", max_new_tokens=n, ignore_eos=True)
+    return (n - 1) / r.stats.decode_seconds
+
+
 def run(lengths: list[int], new_tokens: int, repeats: int, model: str, device: str | None) -> dict:
     loaded = load_model(model, device=device)
     dev = str(loaded.device)
@@ -44,6 +53,7 @@ def run(lengths: list[int], new_tokens: int, repeats: int, model: str, device: s
         t_ids = torch.tensor([ids], device=loaded.device)
         budget_mb = AgentSession(model=loaded, max_kv_mb=None).cache.bytes_for_tokens(length) / 2**20
         hf_pre, hf_dec, am_pre, am_dec, bud_dec, compactions = [], [], [], [], [], 0
+        even, uneven = [], []
         _hf_generate(loaded.model, t_ids[:, :32], 2)  # warm-up
         for _ in range(repeats):
             t1 = timed(lambda x=t_ids: _hf_generate(loaded.model, x, 1), dev)
@@ -55,6 +65,8 @@ def run(lengths: list[int], new_tokens: int, repeats: int, model: str, device: s
             am_dec.append((new_tokens - 1) / dec)
             _, dec_b, compactions = _session_generate(loaded, ids, new_tokens, budget_mb)
             bud_dec.append((new_tokens - 1) / dec_b)
+            even.append(_decode_after_compaction(loaded, ids, new_tokens, "uniform"))
+            uneven.append(_decode_after_compaction(loaded, ids, new_tokens, "global"))
         row = {
             "context_tokens": length,
             "hf_prefill_tps": length / median(hf_pre),
@@ -64,7 +76,10 @@ def run(lengths: list[int], new_tokens: int, repeats: int, model: str, device: s
             "agentmem_budgeted_decode_tps": median(bud_dec),
             "budget_mb": budget_mb,
             "budgeted_compactions": compactions,
+            "uniform_heads_decode_tps": median(even),
+            "uneven_heads_decode_tps": median(uneven),
         }
+        row["uneven_ratio"] = row["uneven_heads_decode_tps"] / row["uniform_heads_decode_tps"]
         row["decode_ratio"] = row["agentmem_decode_tps"] / row["hf_decode_tps"]
         row["prefill_ratio"] = row["agentmem_prefill_tps"] / row["hf_prefill_tps"]
         rows.append(row)
@@ -94,17 +109,20 @@ def to_markdown(data: dict, command: str) -> str:
         "",
         "Decode tokens/s at equal physical length (nothing compacted), and the ratio measured in the same run. "
         "*Budgeted*: the session with its default policy (`am-halve`) under a budget that holds about the prompt, "
-        "so it compacts while it decodes; the compaction's time is included.",
+        "so it compacts while it decodes; the compaction's time is included. *Even / uneven heads*: decode after "
+        "compacting the prompt to half with uniform head budgets (one attention call per layer) or with global "
+        "ones (heads of different sizes: one call per KV head), and their ratio.",
         "",
         "| context | HF decode tok/s | agentmem decode tok/s | ratio | agentmem budgeted tok/s (compactions) "
-        "| HF prefill tok/s | agentmem prefill tok/s | ratio |",
-        "|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| HF prefill tok/s | agentmem prefill tok/s | ratio | even heads tok/s | uneven heads tok/s | ratio |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in data["rows"]:
         lines.append(
             f"| {r['context_tokens']} | {r['hf_decode_tps']:.1f} | {r['agentmem_decode_tps']:.1f} | "
             f"**{r['decode_ratio']:.2f}** | {r['agentmem_budgeted_decode_tps']:.1f} ({r['budgeted_compactions']}) | "
-            f"{r['hf_prefill_tps']:.0f} | {r['agentmem_prefill_tps']:.0f} | {r['prefill_ratio']:.2f} |"
+            f"{r['hf_prefill_tps']:.0f} | {r['agentmem_prefill_tps']:.0f} | {r['prefill_ratio']:.2f} | "
+            f"{r['uniform_heads_decode_tps']:.1f} | {r['uneven_heads_decode_tps']:.1f} | {r['uneven_ratio']:.2f} |"
         )
     lines += ["", f"Command: `{command}`", ""]
     return "\n".join(lines)
