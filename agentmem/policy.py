@@ -92,10 +92,10 @@ class AMConfig(BaseModel):
         default="float32", description="products used to rank keys; auto = bf16 on CUDA (the fits are always fp32)"
     )
     head_budgets: HeadBudgets = Field(
-        default="auto",
-        description="how a compaction's entries are shared between KV heads: auto (the model's calibrated "
-        "profile if one is shipped, else uniform), uniform, profile, global (per context, top-k over all heads) "
-        "or profile+global",
+        default="uniform",
+        description="how an online (budget) compaction shares entries between KV heads: uniform (measured best "
+        "online, docs/benchmarks/online_budgets.md), profile (the model's calibrated shares), auto (profile when "
+        "one is shipped for the model, else uniform), global (per context, top-k over all heads) or profile+global",
     )
     offline_head_budgets: HeadBudgets | None = Field(
         default="global",

@@ -74,7 +74,7 @@ def test_bad_profiles_are_rejected_and_fall_back_to_uniform(tiny_llama, tmp_path
         s = AgentSession(
             model=loaded,
             max_kv_mb=None,
-            policy={"name": "am-halve", "offline_head_budgets": None, "profile": str(path)},
+            policy={"name": "am-halve", "head_budgets": "profile", "offline_head_budgets": None, "profile": str(path)},
         )
     assert s.stats.head_budgets.startswith("uniform")
     s.append(TEXT * 3)
@@ -101,8 +101,9 @@ def test_profile_budgets_follow_shares_at_equal_total(tiny_llama, tmp_path):
     assert prof.generate(" The", max_new_tokens=4).stats.generated_tokens == 4
 
 
-def test_global_budgets_equal_total_and_uneven_heads(tiny_llama):
-    _, loaded = tiny_llama
+def test_global_budgets_equal_total_and_uneven_heads(tiny):
+    """Llama, Qwen 3 (q/k norms) and Gemma 3 (sliding-window layers left out of the allocation)."""
+    _, loaded = tiny
     uniform = AgentSession(model=loaded, max_kv_mb=None, policy="am-halve-uniform")
     uniform.append(TEXT * 6)
     glob = uniform.fork()
@@ -112,8 +113,12 @@ def test_global_budgets_equal_total_and_uneven_heads(tiny_llama):
     assert "head budgets: global" in ev.notes
     assert glob.cache.physical_entries == uniform.cache.physical_entries
     assert len({n for layer in glob.cache.layers for n in layer.lengths}) > 1
+    for a, b in zip(glob.cache.layers, uniform.cache.layers):
+        if a.sliding_window is not None:
+            assert a.lengths == b.lengths
     logits = glob.score(" The quick brown fox", return_logits=True).logits
     assert torch.isfinite(logits).all()
+    assert glob.generate(" The", max_new_tokens=4).stats.generated_tokens == 4
 
 
 def test_calibration_on_a_tiny_model_writes_a_valid_profile(tiny_llama, tmp_path):
@@ -141,8 +146,11 @@ def test_calibration_on_a_tiny_model_writes_a_valid_profile(tiny_llama, tmp_path
     assert mode == "profile" and used is not None
 
 
-def test_uniform_preset_is_shipped():
-    assert "am-halve-uniform" in available_presets()
+def test_presets_and_defaults(tiny_llama):
+    assert {"am-halve-uniform", "am-halve-profile"} <= set(available_presets())
+    _, loaded = tiny_llama
+    s = AgentSession(model=loaded, max_kv_mb=None)
+    assert s.policy.head_budgets == "uniform" and s.policy.offline_budgets == "global"
 
 
 def test_online_profile_budgets_keep_generating_within_budget(tiny_llama, tmp_path):
