@@ -266,8 +266,9 @@ class AMPolicy(Policy):
         if c.offline_head_budgets is None or c.offline_head_budgets == c.head_budgets:
             self.offline_budgets = self.head_budgets
         else:
-            self.offline_budgets, profile, _ = resolve_budgets(c.offline_head_budgets, c.profile, spec)
+            self.offline_budgets, profile, offline = resolve_budgets(c.offline_head_budgets, c.profile, spec)
             self.profile = self.profile or profile
+            self.budgets_description = f"{self.budgets_description}; offline {offline}"
 
     def _distribute(
         self, plan: CompactionPlan, cache: CompactedCache, mode: str, max_keep: float = 1.0
