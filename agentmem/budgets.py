@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Literal
 import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from .compaction.base import CompactionPlan, SpanRequest
+from .compaction.base import CompactionPlan, SpanRequest, split_target
 from .errors import ProfileError
 
 if TYPE_CHECKING:
@@ -168,19 +168,6 @@ def resolve_budgets(
 
 
 # ---------------------------------------------------------------------- allocation math
-def split_target(lengths: list[int], target: int) -> list[int]:
-    """Share ``target`` between parts of the given lengths in proportion (largest remainder)."""
-    total = sum(lengths)
-    if total == 0:
-        return [0] * len(lengths)
-    target = max(0, min(target, total))
-    raw = [target * n / total for n in lengths]
-    out = [int(math.floor(x)) for x in raw]
-    for i in sorted(range(len(lengths)), key=lambda i: out[i] - raw[i])[: target - sum(out)]:
-        out[i] += 1
-    return out
-
-
 def water_fill(caps: torch.Tensor, weights: torch.Tensor, total: int, floor: torch.Tensor | None = None) -> list[int]:
     """Integer targets t (N,) with floor <= t <= caps, sum t = min(total, sum caps), t ~ weights.
 
@@ -275,10 +262,12 @@ def global_targets(
         return {}
     scores, owner, floors = [], [], []
     total = 0
+    stacked: dict[int, torch.Tensor] = {}  # layer -> (H_kv, n, d), built once per layer
     for i, (r, h) in enumerate(pairs):
         layer = cache.layers[r.layer]
-        q = queries.for_kv_heads(r.layer, layer.num_heads, query_cap)[h].to(layer.device)
-        s = entry_scores(cache, r.layer, h, q)
+        if r.layer not in stacked:
+            stacked[r.layer] = queries.for_kv_heads(r.layer, layer.num_heads, query_cap).to(layer.device)
+        s = entry_scores(cache, r.layer, h, stacked[r.layer][h])
         idx = torch.cat([torch.arange(a, b, device=s.device) for a, b, _ in r.heads[h]] or [s.new_zeros(0).long()])
         scores.append(s[idx].cpu())
         owner.append(torch.full((idx.numel(),), i, dtype=torch.long))

@@ -20,9 +20,9 @@ from typing import Annotated, Literal
 import torch
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
-from .budgets import HeadBudgets, HeadProfile, policies_dir, resolve_budgets, retarget, split_target
+from .budgets import HeadBudgets, HeadProfile, policies_dir, resolve_budgets, retarget
 from .cache import CompactedCache
-from .compaction.base import CompactionPlan, Method, SpanRequest
+from .compaction.base import CompactionPlan, Method, SpanRequest, split_target
 from .errors import BudgetError, UnknownPolicyError
 from .layer_store import CacheLayer
 from .methods import make_method
@@ -117,12 +117,9 @@ def compactable_runs(layer: CacheLayer, protected: list[TokenRange], keep_recent
     lmax = layer.max_length
     if lmax == 0:
         return [[] for _ in range(layer.num_heads)]
-    tok = layer.grid("tok", lmax).to(torch.long)
-    free = layer.valid_mask()
-    for a, b in protected:
-        free &= ~((tok >= a) & (tok < b))
-    lengths = torch.tensor(layer.lengths, device=tok.device)
-    slot = torch.arange(lmax, device=tok.device)
+    free = layer.valid_mask() & ~_protected_mask(layer, protected, lmax)
+    lengths = torch.tensor(layer.lengths, device=free.device)
+    slot = torch.arange(lmax, device=free.device)
     free &= slot[None, :] < (lengths - keep_recent)[:, None]
     runs = []
     for row in free.cpu().tolist():
@@ -137,15 +134,20 @@ def compactable_runs(layer: CacheLayer, protected: list[TokenRange], keep_recent
     return runs
 
 
-def _protected_count(layer: CacheLayer, protected: list[TokenRange]) -> list[int]:
-    lmax = layer.max_length
-    if lmax == 0 or not protected:
-        return [0] * layer.num_heads
+def _protected_mask(layer: CacheLayer, protected: list[TokenRange], lmax: int) -> torch.Tensor:
+    """(H, lmax) bool: slots whose token lies in a protected range (padding included; mask it)."""
     tok = layer.grid("tok", lmax).to(torch.long)
     hit = torch.zeros_like(tok, dtype=torch.bool)
     for a, b in protected:
         hit |= (tok >= a) & (tok < b)
-    return (hit & layer.valid_mask()).sum(dim=1).tolist()
+    return hit
+
+
+def _protected_count(layer: CacheLayer, protected: list[TokenRange]) -> list[int]:
+    lmax = layer.max_length
+    if lmax == 0 or not protected:
+        return [0] * layer.num_heads
+    return (_protected_mask(layer, protected, lmax) & layer.valid_mask()).sum(dim=1).tolist()
 
 
 class Policy:

@@ -9,7 +9,7 @@ import torch
 from ..cache import CompactedCache
 from ..errors import CompactionError
 from ..layer_store import Block
-from .base import CompactionReport, Replacement, SpanRequest
+from .base import CompactionReport, Replacement, SpanRequest, split_target
 from .fit import REDUCTIONS, attention_match, block_scores, key_scores, span_key_scores
 from .queries import QuerySet
 
@@ -23,10 +23,7 @@ def split_chunks(start: int, end: int, target: int, chunk: int) -> list[tuple[in
     length = end - start
     n = max(1, -(-length // chunk))
     bounds = [start + (length * i) // n for i in range(n + 1)]
-    raw = [target * (bounds[i + 1] - bounds[i]) / length for i in range(n)]
-    out = [int(x) for x in raw]
-    for i in sorted(range(n), key=lambda i: out[i] - raw[i])[: target - sum(out)]:
-        out[i] += 1
+    out = split_target([bounds[i + 1] - bounds[i] for i in range(n)], target)
     return [(bounds[i], bounds[i + 1], out[i]) for i in range(n)]
 
 

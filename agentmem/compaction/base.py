@@ -7,6 +7,7 @@ computes the replacements without touching the cache; the driver validates and a
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol
 
@@ -15,6 +16,20 @@ from ..layer_store import Block
 if TYPE_CHECKING:
     from ..cache import CompactedCache
     from .queries import QuerySet
+
+
+def split_target(lengths: list[int], target: int) -> list[int]:
+    """Share ``target`` between parts of the given lengths in proportion (largest remainder)."""
+    total = sum(lengths)
+    if total == 0:
+        return [0] * len(lengths)
+    target = max(0, min(target, total))
+    raw = [target * n / total for n in lengths]
+    out = [int(math.floor(x)) for x in raw]
+    for i in sorted(range(len(lengths)), key=lambda i: out[i] - raw[i])[: target - sum(out)]:
+        out[i] += 1
+    return out
+
 
 Replacement = tuple[int, int, Block | None]  # (start, end, block) of one head; None deletes the span
 
