@@ -92,7 +92,7 @@ def agentmem_attention_forward(
     if cache.query_observer is not None:  # a scratch pass collecting reference queries
         cache.query_observer(module.layer_idx, query)
     elif cache.query_buffer is not None:  # recent / context queries for online compaction
-        cache.query_buffer.push(module.layer_idx, query)
+        cache.query_buffer.push(module.layer_idx, query, cache.forward_positions)
     _, hq, n, d = query.shape
     scale = scaling if scaling is not None else d**-0.5
     if not layer.uniform:

@@ -24,7 +24,7 @@ import torch
 from transformers.cache_utils import Cache
 
 from .errors import BudgetError, CompactionError
-from .layer_store import _ALIGN, _GROWTH, Block, CacheLayer, _round_up
+from .layer_store import _ALIGN, _GROWTH, _NAMES, Block, CacheLayer, _round_up
 from .models import ModelSpec
 
 # per KV head: the spans to replace, as (start, end, block); block None deletes the span
@@ -195,6 +195,11 @@ class CompactedCache(Cache):
             layer.step_new = 0
         return self._new_pos.to(torch.long)[None, :]
 
+    @property
+    def forward_positions(self) -> torch.Tensor | None:
+        """(n,) int32 RoPE positions of the tokens of the forward in progress (None between forwards)."""
+        return self._new_pos
+
     def commit_forward(self, n: int) -> None:
         self.logical_length += n
         self._new_pos = self._new_tok = None
@@ -348,6 +353,67 @@ class CompactedCache(Cache):
         other.position_offset = self.position_offset
         other.peak_bytes = self.peak_bytes
         return other
+
+    def state(self) -> tuple[dict[str, torch.Tensor], dict]:
+        """Everything the cache holds, for a file: ``(tensors, meta)``.
+
+        tensors: ``layers.{i}.{k,v,beta,pos,tok}``, each layer packed by :meth:`CacheLayer.state`.
+        meta: ``logical_length``, ``position_offset``, ``peak_bytes``, ``kv_bytes``, ``dtype`` and
+        ``layers`` (per layer: per-head ``lengths`` and ``caps``).
+        """
+        tensors, layers = {}, []
+        for i, layer in enumerate(self.layers):
+            t, m = layer.state()
+            tensors.update({f"layers.{i}.{name}": v for name, v in t.items()})
+            layers.append(m)
+        meta = {
+            "logical_length": self.logical_length,
+            "position_offset": self.position_offset,
+            "peak_bytes": self.peak_bytes,
+            "kv_bytes": self.kv_bytes,
+            "dtype": str(self.dtype).removeprefix("torch."),
+            "layers": layers,
+        }
+        return tensors, meta
+
+    def load_state(self, tensors: dict[str, torch.Tensor], meta: dict) -> None:
+        """Replace everything by a :meth:`state` (tensors copied, cast to this cache's dtype/device).
+
+        Every layer is checked (shapes against the metadata, finite keys/values/beta) before anything
+        is written: a bad state raises ValueError and leaves the cache as it was. When the budget
+        cannot hold the saved capacities, heads get just what their entries need; if even that does
+        not fit, BudgetError says which budget would.
+        """
+        layers = meta.get("layers")
+        if not isinstance(layers, list) or len(layers) != len(self.layers):
+            raise ValueError(f"the state has {len(layers or [])} layers, the model {len(self.layers)}")
+        split = [{name: tensors.get(f"layers.{i}.{name}") for name in _NAMES} for i in range(len(layers))]
+        for i, (layer, t, m) in enumerate(zip(self.layers, split, layers)):
+            try:
+                layer.check_state(t, m)
+            except ValueError as exc:
+                raise ValueError(f"layer {i}: {exc}") from exc
+        for key in ("logical_length", "position_offset", "peak_bytes"):
+            if not isinstance(meta.get(key), int) or meta[key] < 0:
+                raise ValueError(f"{key} must be an int >= 0, got {meta.get(key)!r}")
+        caps = [m["caps"] for m in layers]
+        for trim in (lambda n, c: c, lambda n, c: min(c, _round_up(n)), lambda n, c: n):
+            caps = [[trim(n, c) for n, c in zip(m["lengths"], m["caps"])] for m in layers]
+            need = sum(sum(c) * layer.head_slot_bytes() for c, layer in zip(caps, self.layers))
+            if self.max_bytes is None or need <= self.max_bytes:
+                break
+        else:
+            raise BudgetError(
+                f"the saved cache needs {need / 2**20:.4g} MiB of KV memory in {self.dtype}; max_kv_mb="
+                f"{self.max_bytes / 2**20:.4g} is too small: use max_kv_mb >= {math.ceil(need / 2**20 * 100) / 100:.2f}"
+            )
+        for layer, t, m, c in zip(self.layers, split, layers, caps):
+            layer.load_state(t, m, c)
+        self.logical_length = meta["logical_length"]
+        self.position_offset = meta["position_offset"]
+        self._new_pos = self._new_tok = None
+        self.peak_bytes = 0
+        self._note_peak(max(0, meta["peak_bytes"] - self.kv_bytes))
 
     def describe(self) -> dict:
         return {

@@ -1,4 +1,4 @@
-"""The ``agentmem`` command line: run, chat, bench, calibrate."""
+"""The ``agentmem`` command line: run, chat, serve, bench, calibrate."""
 
 from __future__ import annotations
 
@@ -11,7 +11,11 @@ from .models import DEFAULT_MODEL
 def _add_session_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=DEFAULT_MODEL, help="smollm2-135m (default), gemma3-270m, a HF dir or a .gguf")
     p.add_argument("--max-kv-mb", type=float, default=64.0, help="KV budget in MiB (default 64)")
-    p.add_argument("--policy", default=None, help="policy name or preset file (default: am-halve)")
+    p.add_argument(
+        "--policy",
+        default=None,
+        help="am-halve (default), streaming, truncate, h2o, snapkv, kvzip, a preset name or a .json/.toml file",
+    )
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:N or auto (default: cuda if available)")
     p.add_argument("--dtype", default=None, help="float32, bfloat16 or float16 (default: fp32 on CPU)")
     p.add_argument("--seed", type=int, default=0)
@@ -92,6 +96,25 @@ def cmd_calibrate(args) -> int:
     return calibrate_main(args.rest)
 
 
+def cmd_serve(args) -> int:
+    from .models import load_model
+    from .server import serve
+
+    loaded = load_model(args.model, device=args.device, dtype=args.dtype)
+    serve(
+        loaded,
+        host=args.host,
+        port=args.port,
+        max_kv_mb=args.max_kv_mb,
+        max_kv_mb_limit=args.max_kv_mb_limit,
+        policy=args.policy,
+        max_body_bytes=int(args.max_body_mb * 2**20),
+        max_sessions=args.max_sessions,
+        max_new_tokens=args.max_new_tokens,
+    )
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="agentmem", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -116,6 +139,16 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("what", choices=["quality", "speed", "online", "positions"])
     bench.add_argument("rest", nargs=argparse.REMAINDER)
     bench.set_defaults(func=cmd_bench)
+
+    serve = sub.add_parser("serve", help="OpenAI-compatible server (/v1/chat/completions), a session per conversation")
+    _add_session_args(serve)
+    serve.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--max-kv-mb-limit", type=float, default=1024.0, help="largest max_kv_mb a request may ask")
+    serve.add_argument("--max-body-mb", type=float, default=8.0, help="largest request body (MiB); larger: 413")
+    serve.add_argument("--max-sessions", type=int, default=32, help="conversations kept (least recently used out)")
+    serve.add_argument("--max-new-tokens", type=int, default=512, help="when a request gives no max_tokens")
+    serve.set_defaults(func=cmd_serve)
 
     calibrate = sub.add_parser("calibrate", help="measure per-head sensitivity curves and write a head profile")
     calibrate.add_argument("rest", nargs=argparse.REMAINDER)

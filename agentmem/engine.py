@@ -23,7 +23,7 @@ from .compaction.queries import QueryBuffer, QuerySet
 from .errors import BudgetError, CompactionError
 from .events import CompactionEvent
 from .models import LoadedModel
-from .policy import AMPolicy, Policy
+from .policy import Policy, SpanPolicy
 from .positions import PositionConfig, effective_max_distance, maintain
 
 MiB = 2**20
@@ -68,7 +68,7 @@ class Engine:
         self.compactions: list[CompactionEvent] = []
         self.pinned: list[tuple[int, int]] = []
         self.transcript_ids = array("i")
-        if isinstance(policy, AMPolicy):
+        if isinstance(policy, SpanPolicy):
             cfg = policy.config
             mode = "context" if "context" in (cfg.queries, cfg.offline_queries) else "recent"
             spec = loaded.spec
@@ -126,38 +126,43 @@ class Engine:
         cache.reserve(n)
 
     def execute(
-        self, cache: CompactedCache, plan: CompactionPlan, method, source: str | None = None, groups: int = 1
+        self,
+        cache: CompactedCache,
+        plan: CompactionPlan,
+        method,
+        source: str | None = None,
+        groups: int = 1,
+        planner: Policy | None = None,
     ) -> CompactionEvent:
         """Gather the reference queries the method needs, then apply the plan.
+
+        ``planner``: the policy that made the plan (default: the session's), named in the receipt.
 
         ``groups > 1`` (on-policy): layers are compacted in that many consecutive groups, and the
         queries of each group are recomputed by the model with the groups below already compacted.
         Only query sources that run the model (repeat-prefill, self-study) can be on-policy.
         """
+        planner = planner or self.policy
         source = source or plan.queries or "recent"
         queries, notes = None, []
         if plan.budgets and method.needs_queries:  # per-context head budgets: from the queries, once
             queries, notes = self.queries(cache, plan, source)
-            self._distribute(cache, plan, method, queries)
+            profile = getattr(planner, "profile", None) if plan.budgets == "profile+global" else None
+            floor = getattr(planner.config, "head_floor", 0.1)
+            budgets.apply_global(plan, cache, queries, getattr(method, "query_cap", 8192), floor, profile)
         if method.needs_queries and groups > 1 and source in ("repeat-prefill", "self-study"):
-            event = self._execute_on_policy(cache, plan, method, source, groups)
+            event = self._execute_on_policy(cache, plan, method, source, groups, planner.name)
         else:
             if method.needs_queries and queries is None:
                 queries, notes = self.queries(cache, plan, source)
-            event = execute_plan(cache, plan, method, self.policy.name, queries)
+            event = execute_plan(cache, plan, method, planner.name, queries)
         event.notes[:0] = notes
-        if getattr(self.policy, "head_budgets", "uniform") != "uniform" or plan.budgets:
-            event.notes.append(f"head budgets: {plan.budgets or self.policy.budgets_description}")
+        if getattr(planner, "head_budgets", "uniform") != "uniform" or plan.budgets:
+            event.notes.append(f"head budgets: {plan.budgets or planner.budgets_description}")
         return event
 
-    def _distribute(self, cache: CompactedCache, plan: CompactionPlan, method, queries: QuerySet) -> None:
-        config = self.policy.config
-        profile = getattr(self.policy, "profile", None) if plan.budgets == "profile+global" else None
-        cap = getattr(method, "query_cap", 8192)
-        budgets.apply_global(plan, cache, queries, cap, getattr(config, "head_floor", 0.1), profile)
-
     def _execute_on_policy(
-        self, cache: CompactedCache, plan: CompactionPlan, method, source: str, groups: int
+        self, cache: CompactedCache, plan: CompactionPlan, method, source: str, groups: int, name: str
     ) -> CompactionEvent:
         layers = sorted({r.layer for r in plan.requests})
         size = -(-len(layers) // groups)
@@ -168,7 +173,7 @@ class Engine:
                 part = set(layers[g : g + size])
                 sub = CompactionPlan(plan.reason, [r for r in plan.requests if r.layer in part], plan.queries)
                 queries, notes = self.queries(cache, sub, source)
-                events.append(execute_plan(cache, sub, method, self.policy.name, queries))
+                events.append(execute_plan(cache, sub, method, name, queries))
                 events[-1].notes[:0] = notes
         except BaseException:
             for i, state in saved.items():

@@ -29,3 +29,11 @@ class UnsupportedModelError(AgentMemError, NotImplementedError):
 
 class ProfileError(AgentMemError, ValueError):
     """A per-head budget profile that is missing, corrupt, inconsistent or for another model."""
+
+
+class SessionFileError(AgentMemError, ValueError):
+    """A saved session or cartridge file that is missing, truncated, corrupted or of another format version."""
+
+
+class ModelMismatchError(AgentMemError, ValueError):
+    """Saved memory (a session file or cartridge) belongs to another model than the one it is loaded into."""

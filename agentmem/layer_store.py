@@ -298,6 +298,59 @@ class CacheLayer:
         self.lengths = list(lengths)
         self.refresh_meta()
 
+    # ------------------------------------------------------------------ serialisation
+    def state(self) -> tuple[dict[str, torch.Tensor], dict]:
+        """What this layer holds, packed for a file: ``(tensors, meta)`` (mlx-lm's state / meta_state).
+
+        tensors: ``k`` (P, d) and ``v`` (P, d_v) in the layer dtype, ``beta`` (P,) fp32, ``pos`` and
+        ``tok`` (P,) int32, on the CPU, where P = sum(lengths): head h's entries are rows
+        ``[sum(lengths[:h]), sum(lengths[:h+1]))``, in slot order. Padding is not stored (it is the
+        fill value). meta: ``{"lengths": [...], "caps": [...]}`` per KV head.
+        """
+        rows = [torch.arange(o, o + n) for o, n in zip(self._offs, self.lengths)]
+        idx = torch.cat(rows).to(self.device) if rows else torch.zeros(0, dtype=torch.long, device=self.device)
+        tensors = {name: getattr(self, name)[idx].cpu() for name in _NAMES}
+        return tensors, {"lengths": list(self.lengths), "caps": list(self._caps)}
+
+    def check_state(self, tensors: dict[str, torch.Tensor], meta: dict) -> None:
+        """Raise ValueError unless ``(tensors, meta)`` from :meth:`state` fits this layer's shape."""
+        lengths, caps = meta.get("lengths"), meta.get("caps")
+        for key, val in (("lengths", lengths), ("caps", caps)):
+            if not isinstance(val, list) or len(val) != self.num_heads or not all(isinstance(x, int) for x in val):
+                raise ValueError(f"{key} must list {self.num_heads} ints (one per KV head), got {val!r}")
+        if any(not 0 <= n <= c for n, c in zip(lengths, caps)):
+            raise ValueError(f"lengths {lengths} must be >= 0 and within capacities {caps}")
+        p = sum(lengths)
+        want = {"k": (p, self.head_dim), "v": (p, self.v_head_dim), "beta": (p,), "pos": (p,), "tok": (p,)}
+        for name, shape in want.items():
+            t = tensors.get(name)
+            if t is None or tuple(t.shape) != shape:
+                got = None if t is None else tuple(t.shape)
+                raise ValueError(f"tensor {name!r} has shape {got}, the metadata says {shape}")
+            if name in ("pos", "tok") and (t.dtype != torch.int32 or (t < 0).any()):
+                raise ValueError(f"tensor {name!r} must hold int32 values >= 0")
+            if name in ("k", "v", "beta") and not torch.isfinite(t).all():
+                raise ValueError(f"tensor {name!r} holds NaN or inf")
+
+    def load_state(self, tensors: dict[str, torch.Tensor], meta: dict, caps: Sequence[int] | None = None) -> None:
+        """Replace everything by a :meth:`state` (copied, cast to this layer's dtype and device).
+
+        ``caps`` overrides the saved capacities (each at least its head's length). Call
+        :meth:`check_state` first: this method assumes a valid state.
+        """
+        lengths = list(meta["lengths"])
+        self.lengths = [0] * self.num_heads
+        self._alloc(list(caps if caps is not None else meta["caps"]))
+        dtypes = {"k": self.dtype, "v": self.dtype, "beta": torch.float32, "pos": torch.int32, "tok": torch.int32}
+        a = 0
+        for h, n in enumerate(lengths):
+            for name in _NAMES:
+                self.head(name, h)[:n] = tensors[name][a : a + n].to(self.device, dtypes[name])
+            a += n
+        self.lengths = lengths
+        self.step_new, self.step_lengths_before = 0, list(lengths)
+        self.refresh_meta()
+
     # ------------------------------------------------------------------ edits
     def write_head(self, h: int, start: int, end: int, block: Block | None) -> None:
         """Replace slots [start, end) of head h by ``block`` (None = delete), shifting the tail."""

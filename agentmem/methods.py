@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
-from .baselines import WindowEviction
+from .baselines import H2O, KVzip, SnapKV, WindowEviction
 from .compaction.am import AttentionMatching
 from .compaction.base import Method
 from .errors import UnknownPolicyError
 
-_METHODS: dict[str, type] = {"window": WindowEviction, "am": AttentionMatching}
+_METHODS: dict[str, type] = {
+    "window": WindowEviction,
+    "am": AttentionMatching,
+    "h2o": H2O,
+    "snapkv": SnapKV,
+    "kvzip": KVzip,
+}
 
 
 def available_methods() -> list[str]:

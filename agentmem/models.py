@@ -230,7 +230,10 @@ def build_spec(name: str, model, tokenizer) -> ModelSpec:
             raise UnsupportedModelError(f"{type(module).__name__} does not carry its layer index")
     scaling = tuple(float(getattr(m, "scaling", head_dim**-0.5)) for m in attn)
     inv_freq, rotatable = _rope_inv_freq(model, num_layers)
-    cfg_json = json.dumps(text_config.to_diff_dict(), sort_keys=True, default=str)
+    # the architecture only: not the dtype it was loaded in, nor the transformers version that wrote it
+    volatile = {"dtype", "torch_dtype", "transformers_version", "_attn_implementation", "attn_implementation"}
+    arch = {k: v for k, v in text_config.to_diff_dict().items() if k not in volatile}
+    cfg_json = json.dumps(arch, sort_keys=True, default=str)
     eos = getattr(model.generation_config, "eos_token_id", None) or text_config.eos_token_id
     eos_ids = tuple(eos) if isinstance(eos, (list, tuple)) else ((eos,) if eos is not None else ())
     extra = (

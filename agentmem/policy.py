@@ -15,7 +15,7 @@ import json
 import math
 import tomllib
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, ClassVar, Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
@@ -49,31 +49,63 @@ class WindowConfig(BaseModel):
     fill_after: float = Field(default=0.75, gt=0.0, le=1.0)
 
 
-class AMConfig(BaseModel):
-    """Attention Matching, halving: when the budget fills, every compactable span (all entries
-    between the protected sinks / pinned ranges and the exact recent window) is compacted to
-    ``ratio`` of its physical size. Re-compacting an already compacted span includes its beta.
+_Queries = Literal["recent", "context", "repeat-prefill", "self-study"]
+
+
+class SpanConfig(BaseModel):
+    """Settings shared by the policies that replace spans using reference queries: Attention
+    Matching and the scored-eviction baselines (H2O, SnapKV, KVzip). When the budget fills, every
+    compactable span (between the protected sinks / pinned ranges and the exact recent window)
+    shrinks to ``ratio`` of its physical size; ``session.compact(ratio)`` shrinks everything else.
     """
 
     model_config = ConfigDict(extra="forbid")
 
-    name: Literal["am-halve"] = "am-halve"
     sinks: int = Field(default=4, ge=0)
     recent: int = Field(
         default=64, ge=0, description="exact recent window (tokens), never compacted online; at most 1/4 of the budget"
     )
     ratio: float = Field(default=0.5, gt=0.0, lt=1.0)
-    queries: Literal["recent", "context", "repeat-prefill", "self-study"] = Field(
-        default="recent", description="reference queries for online (budget) compaction"
-    )
-    offline_queries: Literal["recent", "context", "repeat-prefill", "self-study"] = Field(
+    queries: _Queries = Field(default="recent", description="reference queries for online (budget) compaction")
+    offline_queries: _Queries = Field(
         default="repeat-prefill", description="reference queries for session.compact(ratio)"
     )
+    query_buffer: int = Field(default=128, ge=1, description="tokens kept by the recent/context query buffer")
+    query_cap: int = Field(default=8192, ge=1, description="reference queries per KV head for scoring keys")
+    head_budgets: HeadBudgets = Field(
+        default="uniform",
+        description="how an online (budget) compaction shares entries between KV heads: uniform (measured best "
+        "online, docs/benchmarks/online_budgets.md), profile (the model's calibrated shares), auto (profile when "
+        "one is shipped for the model, else uniform), global (per context, top-k over all heads) or profile+global",
+    )
+    offline_head_budgets: HeadBudgets | None = Field(
+        default="global",
+        description="head budgets for session.compact(ratio), where repeat-prefill queries make the per-context "
+        "global allocation possible (docs/benchmarks/quality_budgets.md); None = head_budgets",
+    )
+    profile: str | None = Field(default=None, description="a head profile file (default: the shipped one)")
+    head_floor: float = Field(
+        default=0.1, ge=0.0, le=1.0, description="non-uniform budgets keep at least this x the uniform target per head"
+    )
+    tool_ratio: float = Field(
+        default=0.25, gt=0.0, le=1.0, description="session.tool_result: keep this fraction of a tool output's tokens"
+    )
+
+    method_name: ClassVar[str]
+
+    def method_settings(self) -> dict:
+        """Keyword arguments of the method (methods.make_method) this config runs."""
+        return {"query_cap": self.query_cap}
+
+
+class AMConfig(SpanConfig):
+    """Attention Matching, halving (the default policy, ``am-halve``). Re-compacting an already
+    compacted span includes its beta."""
+
+    name: Literal["am-halve"] = "am-halve"
     on_policy_groups: int = Field(
         default=1, ge=1, description="offline: recompute the queries this many times, layer group by group (1 = off)"
     )
-    query_buffer: int = Field(default=128, ge=1, description="tokens kept by the recent/context query buffer")
-    query_cap: int = Field(default=8192, ge=1, description="reference queries per KV head for key selection")
     fit_query_cap: int = Field(
         default=512, ge=1, description="per chunk, the queries attending to it most that fit its beta and values"
     )
@@ -91,24 +123,65 @@ class AMConfig(BaseModel):
     selection_dtype: Literal["auto", "bfloat16", "float32"] = Field(
         default="float32", description="products used to rank keys; auto = bf16 on CUDA (the fits are always fp32)"
     )
-    head_budgets: HeadBudgets = Field(
-        default="uniform",
-        description="how an online (budget) compaction shares entries between KV heads: uniform (measured best "
-        "online, docs/benchmarks/online_budgets.md), profile (the model's calibrated shares), auto (profile when "
-        "one is shipped for the model, else uniform), global (per context, top-k over all heads) or profile+global",
-    )
-    offline_head_budgets: HeadBudgets | None = Field(
-        default="global",
-        description="head budgets for session.compact(ratio), where repeat-prefill queries make the per-context "
-        "global allocation possible (docs/benchmarks/quality_budgets.md); None = head_budgets",
-    )
-    profile: str | None = Field(default=None, description="a head profile file (default: the shipped one)")
-    head_floor: float = Field(
-        default=0.1, ge=0.0, le=1.0, description="non-uniform budgets keep at least this x the uniform target per head"
-    )
+
+    method_name: ClassVar[str] = "am"
+
+    def method_settings(self) -> dict:
+        names = ("selection", "omp_step", "chunk", "query_cap", "fit_query_cap", "ridge", "beta_ridge", "beta_iters")
+        names += ("fit_beta", "fit_values", "span_selection", "selection_dtype")
+        return {n: getattr(self, n) for n in names}
 
 
-PolicyConfig = Annotated[WindowConfig | AMConfig, Field(discriminator="name")]
+class H2OConfig(SpanConfig):
+    """H2O (baselines/scored.py): heavy hitters by attention accumulated over the context's own
+    queries (a uniform reservoir of them, causally masked) + the most recent entries."""
+
+    name: Literal["h2o"] = "h2o"
+    queries: _Queries = "context"
+    offline_queries: _Queries = "context"
+    query_buffer: int = 512
+    offline_head_budgets: HeadBudgets | None = "uniform"
+    recent_share: float = Field(
+        default=0.5, ge=0.0, le=1.0, description="share of a span's target kept as its newest entries"
+    )
+
+    method_name: ClassVar[str] = "h2o"
+
+    def method_settings(self) -> dict:
+        return {"query_cap": self.query_cap, "recent_share": self.recent_share}
+
+
+class SnapKVConfig(SpanConfig):
+    """SnapKV (baselines/scored.py): votes of an observation window of the newest ``query_buffer``
+    queries, max-pooled over neighbouring entries; the window itself is kept."""
+
+    name: Literal["snapkv"] = "snapkv"
+    queries: _Queries = "recent"
+    offline_queries: _Queries = "recent"
+    query_buffer: int = Field(default=32, ge=1, description="the observation window (tokens)")
+    offline_head_budgets: HeadBudgets | None = "uniform"
+    pool: int = Field(default=7, ge=1, description="max-pooling kernel over neighbouring entries (odd)")
+
+    method_name: ClassVar[str] = "snapkv"
+
+    def method_settings(self) -> dict:
+        return {"query_cap": self.query_cap, "pool": self.pool, "window": self.query_buffer}
+
+
+class KVzipConfig(SpanConfig):
+    """KVzip-style (baselines/scored.py): entries scored by their largest attention from a
+    repeat-prefill pass, top-k over all heads and layers (global head budgets)."""
+
+    name: Literal["kvzip"] = "kvzip"
+    queries: _Queries = "repeat-prefill"
+    head_budgets: HeadBudgets = "global"
+    offline_head_budgets: HeadBudgets | None = "global"
+    head_floor: float = Field(default=0.0, ge=0.0, le=1.0)
+
+    method_name: ClassVar[str] = "kvzip"
+
+
+PolicyConfig = Annotated[WindowConfig | AMConfig | H2OConfig | SnapKVConfig | KVzipConfig, Field(discriminator="name")]
 _CONFIG_ADAPTER: TypeAdapter = TypeAdapter(PolicyConfig)
 
 
@@ -180,15 +253,29 @@ class Policy:
     def plan_for_budget(self, cache: CompactedCache, incoming: int, pinned: list[TokenRange]) -> CompactionPlan:
         raise NotImplementedError
 
-    def plan_for_ratio(self, cache: CompactedCache, ratio: float, pinned: list[TokenRange]) -> CompactionPlan:
-        """Every head ends with round(ratio * its length) entries; protected entries are kept exact."""
+    def plan_for_ratio(
+        self, cache: CompactedCache, ratio: float, pinned: list[TokenRange], span: TokenRange | None = None
+    ) -> CompactionPlan:
+        """Every head ends with round(ratio * its length) entries; protected entries are kept exact.
+
+        ``span=(a, b)`` restricts the plan to the entries of tokens a..b-1 (a tool output): each head
+        keeps at most round(ratio * (b - a)) of them, so a span already compacted below that while it
+        was read is left as it is; everything outside the span is untouched.
+        """
         plan = CompactionPlan(reason="manual", queries=self._offline_queries())
         protected = self.protected(pinned)
+        if span is not None:
+            protected += [(0, span[0]), (span[1], 2**62)]
         for idx, layer in enumerate(cache.layers):
-            runs = compactable_runs(layer, protected, self._ratio_recent(layer, ratio, protected))
+            recent = 0 if span is not None else self._ratio_recent(layer, ratio, protected)
+            runs = compactable_runs(layer, protected, recent)
             heads = []
             for h, head_runs in enumerate(runs):
-                keep = round(ratio * layer.lengths[h]) - (layer.lengths[h] - sum(e - s for s, e in head_runs))
+                free = sum(e - s for s, e in head_runs)
+                if span is not None:
+                    keep = min(free, round(ratio * (span[1] - span[0])))
+                else:
+                    keep = round(ratio * layer.lengths[h]) - (layer.lengths[h] - free)
                 targets = split_target([e - s for s, e in head_runs], keep)
                 heads.append([(s, e, t) for (s, e), t in zip(head_runs, targets)])
             plan.requests.append(SpanRequest(idx, heads))
@@ -237,27 +324,13 @@ class WindowPolicy(Policy):
         return max(0, round(ratio * layer.max_length) - n_protected)
 
 
-class AMPolicy(Policy):
-    """Attention Matching, halving (see :class:`AMConfig`)."""
+class SpanPolicy(Policy):
+    """Halving on budget, ``ratio`` on demand, spans replaced by the config's method (AM or a
+    scored eviction) with per-head budgets (see :class:`SpanConfig`)."""
 
-    def __init__(self, config: AMConfig | None = None):
+    def __init__(self, config: SpanConfig | None = None):
         self.config = config or AMConfig()
-        c = self.config
-        self.method = make_method(
-            "am",
-            selection=c.selection,
-            omp_step=c.omp_step,
-            chunk=c.chunk,
-            query_cap=c.query_cap,
-            fit_query_cap=c.fit_query_cap,
-            ridge=c.ridge,
-            beta_ridge=c.beta_ridge,
-            beta_iters=c.beta_iters,
-            fit_beta=c.fit_beta,
-            fit_values=c.fit_values,
-            span_selection=c.span_selection,
-            selection_dtype=c.selection_dtype,
-        )
+        self.method = make_method(self.config.method_name, **self.config.method_settings())
 
     profile: HeadProfile | None = None
     offline_budgets = "uniform"
@@ -309,8 +382,10 @@ class AMPolicy(Policy):
         # online, every head gives back at least a quarter of its span, so every layer has room to grow
         return self._distribute(plan, cache, self.head_budgets, max_keep=_ONLINE_MAX_KEEP)
 
-    def plan_for_ratio(self, cache: CompactedCache, ratio: float, pinned: list[TokenRange]) -> CompactionPlan:
-        plan = super().plan_for_ratio(cache, ratio, pinned)
+    def plan_for_ratio(
+        self, cache: CompactedCache, ratio: float, pinned: list[TokenRange], span: TokenRange | None = None
+    ) -> CompactionPlan:
+        plan = super().plan_for_ratio(cache, ratio, pinned, span)
         for request in plan.requests:
             if cache.layers[request.layer].sliding_window is not None:  # drop the oldest, as above
                 request.heads = [[(s, s + (e - s - t), 0) for s, e, t in spans if e - s > t] for spans in request.heads]
@@ -320,7 +395,14 @@ class AMPolicy(Policy):
         return self.config.offline_queries
 
 
-_POLICIES: dict[str, type[Policy]] = {"streaming": WindowPolicy, "truncate": WindowPolicy, "am-halve": AMPolicy}
+_POLICIES: dict[str, type[Policy]] = {
+    "streaming": WindowPolicy,
+    "truncate": WindowPolicy,
+    "am-halve": SpanPolicy,
+    "h2o": SpanPolicy,
+    "snapkv": SpanPolicy,
+    "kvzip": SpanPolicy,
+}
 
 
 DEFAULT_POLICY = "am-halve"

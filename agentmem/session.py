@@ -18,17 +18,23 @@ import logging
 import threading
 import time
 from collections.abc import Iterator, Sequence
+from typing import TYPE_CHECKING
 
 import torch
 
 from .cache import CompactedCache
 from .engine import Engine
-from .errors import AgentMemError, BudgetError, UnknownPolicyError
+from .errors import AgentMemError, BudgetError
 from .events import CompactionEvent, GenerationResult, GenerationStats, SessionStats, StreamEvent
 from .models import LoadedModel, load_model, wrap_model
 from .policy import Policy, resolve_policy
 from .positions import PositionConfig, maintain_is_noop
 from .textstream import IncrementalDetokenizer, find_stop
+
+if TYPE_CHECKING:
+    from pathlib import Path
+
+    from .toolcalls import ToolReceipt
 
 log = logging.getLogger(__name__)
 
@@ -85,6 +91,8 @@ class AgentSession:
             seed,
         )
         self.messages: list[dict] = []  # chat history (role/content) seen through chat() / append(role=...)
+        self.tools: list[dict] | None = None  # tool schemas (OpenAI format) the chat template renders
+        self.latest_turn: tuple[int, int] | None = None  # token range of the latest chat turn with a user message
         self._chat_text = ""  # the chat-rendered text actually read, to extend turn by turn
         self._pending: list[int] = []
         self._started = False  # whether the first token (and BOS) has been read
@@ -238,20 +246,24 @@ class AgentSession:
                 raise ValueError(f"chat messages are dicts with 'role' and 'content', got {m!r}")
         if getattr(self.tokenizer, "chat_template", None) is None:
             raise AgentMemError(f"{self.spec.name} has no chat template; use append()/generate() with raw text")
+        extra = {"tools": self.tools} if self.tools else {}
         full = self.tokenizer.apply_chat_template(
-            self.messages + messages, tokenize=False, add_generation_prompt=add_generation_prompt
+            self.messages + messages, tokenize=False, add_generation_prompt=add_generation_prompt, **extra
         )
         if self._chat_text and full.startswith(self._chat_text):
             delta = full[len(self._chat_text) :]
         else:  # first turn, or raw text was read in between: render the new messages alone
             delta = self.tokenizer.apply_chat_template(
-                messages, tokenize=False, add_generation_prompt=add_generation_prompt
+                messages, tokenize=False, add_generation_prompt=add_generation_prompt, **extra
             )
             if self.messages:
                 log.debug("chat history is not a prefix of the new rendering; rendering the new turn alone")
         self.messages.extend(copy.deepcopy(messages))
         self._chat_text = full
-        return self._encode(delta, chat=True)
+        ids = self._encode(delta, chat=True)
+        if any(m["role"] == "user" for m in messages):  # the caller reads ids next
+            self.latest_turn = (len(self.transcript_ids), len(self.transcript_ids) + len(ids))
+        return ids
 
     # ------------------------------------------------------------------ public: generation
     def stream(
@@ -473,30 +485,69 @@ class AgentSession:
                 logits=pred if return_logits else None,
             )
 
+    # ------------------------------------------------------------------ public: tools
+    def tool_result(
+        self, name: str, output: str, ratio: float | None = None, role: str | None = "tool", **kw
+    ) -> ToolReceipt:
+        """Read a tool's output into memory and compact it right away; see :func:`agentmem.toolcalls.tool_result`."""
+        from .toolcalls import tool_result
+
+        return tool_result(self, name, output, ratio=ratio, role=role, **kw)
+
+    def tool(self, fn=None, *, ratio: float | None = None, name: str | None = None):
+        """Decorator (``@session.tool`` or ``@session.tool(ratio=0.1)``): calling the function runs it and
+        hands its output to :meth:`tool_result`; the call returns the receipt (``.output`` is the text)."""
+        from .toolcalls import tool_decorator
+
+        return tool_decorator(self, fn, ratio=ratio, name=name)
+
     # ------------------------------------------------------------------ public: compaction
     def compact(self, ratio: float, method: str | None = None, queries: str | None = None) -> CompactionEvent:
         """Compact what is in memory now to ``ratio`` of its physical size.
 
-        ``method``: None (the policy's own), ``"am"`` (Attention Matching) or ``"window"``;
-        ``queries`` (AM): ``"repeat-prefill"`` (the default offline), ``"recent"``, ``"context"``,
-        ``"self-study"``. Sinks and pinned ranges stay exact. Spare capacity is released afterwards.
+        ``method``: None (the session policy's own), ``"am"`` (Attention Matching), ``"window"``, or
+        any policy name (``"h2o"``, ``"snapkv"``, ``"kvzip"``, ``"truncate"``, a preset, ...) whose
+        offline path is used once; ``queries``: ``"repeat-prefill"`` (AM's default offline),
+        ``"recent"``, ``"context"``, ``"self-study"`` (what the session buffers is what it has).
+        Sinks and pinned ranges stay exact. Spare capacity is released afterwards.
         """
         if not 0 < ratio <= 1:
             raise ValueError(f"ratio must be in (0, 1] (got {ratio})")
         planner = self.policy
-        if method is not None and method != planner.method.name:
-            if method not in ("am", "window"):
-                raise UnknownPolicyError(f"unknown compaction method {method!r}; use 'am' or 'window'")
-            planner = resolve_policy("am-halve" if method == "am" else "streaming")
+        if method is not None and method not in (planner.method.name, planner.name):
+            planner = resolve_policy(_METHOD_POLICIES.get(method, method))
             planner.attach(self.spec)
         with self._lock:
             plan = planner.plan_for_ratio(self.cache, ratio, self.pinned)
             groups = getattr(planner.config, "on_policy_groups", 1)
-            event = self.engine.execute(self.cache, plan, planner.method, queries, groups)
+            event = self.engine.execute(self.cache, plan, planner.method, queries, groups, planner=planner)
             self.cache.shrink_to_fit()
             event.kv_bytes_after = self.cache.kv_bytes
             self.compactions.append(event)
             return event
+
+    # ------------------------------------------------------------------ public: persistence
+    def save(self, path) -> Path:
+        """Write this session to one file, atomically (safetensors + JSON metadata; see agentmem.persist)."""
+        from .persist import save_session
+
+        return save_session(self, path)
+
+    @classmethod
+    def load(cls, path, model=None, max_kv_mb=..., device=None, **kwargs) -> AgentSession:
+        """A session written by :meth:`save`, continuing exactly where it stopped (model=None: the
+        model named in the file; max_kv_mb=...: the saved budget); see :func:`agentmem.persist.load_session`."""
+        from .persist import load_session
+
+        return load_session(path, model=model, max_kv_mb=max_kv_mb, device=device, **kwargs)
+
+    def mount(self, cartridge) -> AgentSession:
+        """Mount a :class:`~agentmem.cartridge.Cartridge` as this empty session's pinned prefix; returns self."""
+        cartridge.mount(self)
+        return self
+
+
+_METHOD_POLICIES = {"am": "am-halve", "window": "streaming"}  # compact(method=...) by method name
 
 
 def _check_generation_args(max_new_tokens, temperature, top_p) -> None:

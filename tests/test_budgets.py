@@ -171,3 +171,18 @@ def test_online_profile_budgets_keep_generating_within_budget(tiny_llama, tmp_pa
     layers = runs["profile"].cache.layers
     assert min(layers[0].lengths) > max(layers[1].lengths)  # the favoured layer kept more
     assert len(runs["profile"].compactions) <= 2 * len(runs["uniform"].compactions)
+
+
+def test_config_hash_names_the_architecture_not_the_dtype(tokenizer):
+    """Profiles and saved sessions match a model loaded in another dtype or by another transformers."""
+    from agentmem.models import wrap_model
+    from tests.conftest import build_tiny, twin
+
+    ref = build_tiny("llama", len(tokenizer))
+    low = twin(ref).to(torch.bfloat16)
+    low.config.dtype = torch.bfloat16
+    low.config.transformers_version = "0.0.0"
+    a, b = wrap_model(twin(ref), tokenizer, name="a"), wrap_model(low, tokenizer, name="b")
+    assert a.spec.config_hash == b.spec.config_hash
+    wider = build_tiny("llama", len(tokenizer), hidden_size=96)
+    assert wrap_model(twin(wider), tokenizer, name="c").spec.config_hash != a.spec.config_hash

@@ -149,7 +149,7 @@ def test_bad_input_is_a_clear_error_and_the_session_survives(tiny_llama, tokeniz
         AgentSession(model=loaded, max_kv_mb=0)
     with pytest.raises(ModelNotFoundError, match="never downloads"):
         AgentSession(model="/no/such/model", max_kv_mb=1)
-    with pytest.raises(UnknownPolicyError, match="known policies: am-halve, streaming, truncate"):
+    with pytest.raises(UnknownPolicyError, match="known policies: am-halve, h2o, kvzip, snapkv, streaming, truncate"):
         AgentSession(model=loaded, max_kv_mb=1, policy="magic")
     s = AgentSession(model=loaded, max_kv_mb=None)
     with pytest.raises(ValueError, match="nothing to continue"):

@@ -29,7 +29,9 @@ PROMPT = (
 )
 
 
-def run_policy(loaded, policy: str, tokens: int, max_kv_mb: float, block: int, segment: int) -> dict:
+def run_policy(
+    loaded, policy: str, tokens: int, max_kv_mb: float, block: int, segment: int, verbose: bool = True
+) -> dict:
     budget = AgentSession(model=loaded, max_kv_mb=max_kv_mb, policy=policy)
     full = AgentSession(model=loaded, max_kv_mb=None, policy="streaming")
     prompt = loaded.tokenizer(PROMPT)["input_ids"]
@@ -60,11 +62,12 @@ def run_policy(loaded, policy: str, tokens: int, max_kv_mb: float, block: int, s
         agree += (f_logp.argmax(-1) == torch.tensor(fed[1:])).float().tolist()
         kl += (f_logp.exp() * (f_logp - b_logp_t)).sum(-1).tolist()
         generated += n
-        print(
-            f"[bench online] {policy}: {generated}/{tokens} tokens, agreement {sum(agree) / len(agree):.3f}, "
-            f"{len(budget.compactions)} compactions, {time.perf_counter() - t0:.0f} s",
-            file=sys.stderr,
-        )
+        if verbose:
+            print(
+                f"[bench online] {policy}: {generated}/{tokens} tokens, agreement {sum(agree) / len(agree):.3f}, "
+                f"{len(budget.compactions)} compactions, {time.perf_counter() - t0:.0f} s",
+                file=sys.stderr,
+            )
     segs = [
         (sum(agree[i : i + segment]) / len(agree[i : i + segment]), sum(kl[i : i + segment]) / len(kl[i : i + segment]))
         for i in range(0, len(agree), segment)

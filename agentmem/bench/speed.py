@@ -1,11 +1,14 @@
-"""Decode and prefill speed of AgentSession vs ``model.generate`` with transformers' own cache.
+"""Speed and memory of AgentSession vs ``model.generate`` with transformers' own cache.
 
-Both run the same model object, prompt and greedy decoding, at equal physical length (the session
-is unbounded, so nothing is compacted), interleaved and repeated; the figures are medians and the
-headline is the ratio agentmem / transformers measured in the same run. A third column runs the
-session under a budget that holds about the prompt, so it compacts while decoding.
+Decode and prefill: both run the same model object, prompt and greedy decoding, at equal physical
+length (the session is unbounded, so nothing is compacted), interleaved and repeated; the figures
+are medians and the headline is the ratio agentmem / transformers measured in the same run. A
+third column runs the session under a budget that holds about the prompt, so it compacts while
+decoding. Compaction: seconds to compact the context to half with each method, as context
+tokens/s and as a multiple of the prefill time of the same context. Memory: the KV bytes of
+transformers' DynamicCache and of the session at the same length, and after compaction.
 
-    agentmem bench speed [--lengths 256 1024 2048] [--new-tokens 64] [--repeats 3] [--out docs/benchmarks]
+    agentmem bench speed [--lengths 256 1024 2048 4096] [--new-tokens 64] [--repeats 3] [--out docs/benchmarks]
 """
 
 from __future__ import annotations
@@ -18,7 +21,16 @@ import torch
 
 from ..models import load_model
 from ..session import AgentSession
-from .common import environment, median, stdlib_text, timed, write_report
+from .common import environment, find_document, median, timed, write_report
+
+COMPACTION_METHODS = {
+    "am": "am-halve",
+    "am-uniform": "am-halve-uniform",
+    "kvzip": "kvzip",
+    "snapkv": "snapkv",
+    "h2o": "h2o",
+    "streaming": "streaming",
+}
 
 
 def _hf_generate(model, ids: torch.Tensor, n: int) -> None:
@@ -42,10 +54,25 @@ def _decode_after_compaction(loaded, ids: list[int], n: int, budgets: str) -> fl
     return (n - 1) / r.stats.decode_seconds
 
 
+def _hf_cache_bytes(model, ids: torch.Tensor) -> int:
+    """Bytes of keys and values in transformers' DynamicCache after reading ids."""
+    with torch.inference_mode():
+        cache = model(ids, use_cache=True).past_key_values
+    return sum(t.numel() * t.element_size() for layer in cache.layers for t in (layer.keys, layer.values))
+
+
+def _compaction(loaded, ids: list[int], policy: str, dev: str) -> tuple[float, int]:
+    """(seconds to compact the context to half with the policy's offline path, kv bytes after)."""
+    s = AgentSession(model=loaded, max_kv_mb=None, policy=policy)
+    s.append_tokens(ids)
+    seconds = timed(lambda: s.compact(0.5), dev)
+    return seconds, s.stats.kv_bytes
+
+
 def run(lengths: list[int], new_tokens: int, repeats: int, model: str, device: str | None) -> dict:
     loaded = load_model(model, device=device)
     dev = str(loaded.device)
-    text, source = stdlib_text("argparse")
+    text, source = find_document("argparse")
     all_ids = loaded.tokenizer(text)["input_ids"]
     rows = []
     for length in lengths:
@@ -79,6 +106,22 @@ def run(lengths: list[int], new_tokens: int, repeats: int, model: str, device: s
             "uniform_heads_decode_tps": median(even),
             "uneven_heads_decode_tps": median(uneven),
         }
+        prefill = median(am_pre)
+        row["hf_kv_bytes"] = _hf_cache_bytes(loaded.model, t_ids)
+        full = AgentSession(model=loaded, max_kv_mb=None)
+        full.append_tokens(ids)
+        row["agentmem_kv_bytes"], row["agentmem_payload_bytes"] = full.stats.kv_bytes, full.stats.payload_bytes
+        del full
+        row["compaction"] = {}
+        for name, policy in COMPACTION_METHODS.items():
+            runs = [_compaction(loaded, ids, policy, dev) for _ in range(repeats)]
+            seconds = median([r[0] for r in runs])
+            row["compaction"][name] = {
+                "seconds": seconds,
+                "tokens_per_second": length / seconds,
+                "cost": seconds / prefill,
+                "kv_bytes_after": runs[0][1],
+            }
         row["uneven_ratio"] = row["uneven_heads_decode_tps"] / row["uniform_heads_decode_tps"]
         row["decode_ratio"] = row["agentmem_decode_tps"] / row["hf_decode_tps"]
         row["prefill_ratio"] = row["agentmem_prefill_tps"] / row["hf_prefill_tps"]
@@ -124,6 +167,38 @@ def to_markdown(data: dict, command: str) -> str:
             f"{r['hf_prefill_tps']:.0f} | {r['agentmem_prefill_tps']:.0f} | {r['prefill_ratio']:.2f} | "
             f"{r['uniform_heads_decode_tps']:.1f} | {r['uneven_heads_decode_tps']:.1f} | {r['uneven_ratio']:.2f} |"
         )
+    names = list(data["rows"][0].get("compaction", {}))
+    if names:
+        lines += [
+            "",
+            "## Compaction to half the context (offline, `session.compact(0.5)`)",
+            "",
+            "Seconds (median) and, in brackets, the multiple of the prefill time of the same context in the same run; "
+            "query generation (repeat-prefill for `am`, `am-uniform`, `kvzip`) included.",
+            "",
+            "| context | " + " | ".join(f"`{n}`" for n in names) + " |",
+            "|---:|" + "---:|" * len(names),
+        ]
+        for r in data["rows"]:
+            cells = [f"{r['compaction'][n]['seconds']:.2f} s ({r['compaction'][n]['cost']:.2f}x)" for n in names]
+            lines.append(f"| {r['context_tokens']} | " + " | ".join(cells) + " |")
+        lines += [
+            "",
+            "## KV memory",
+            "",
+            "| context | transformers DynamicCache MiB | agentmem kv MiB (payload) | after `am` to 0.5 MiB |",
+            "|---:|---:|---:|---:|",
+        ]
+        for r in data["rows"]:
+            lines.append(
+                f"| {r['context_tokens']} | {r['hf_kv_bytes'] / 2**20:.1f} | {r['agentmem_kv_bytes'] / 2**20:.1f} "
+                f"({r['agentmem_payload_bytes'] / 2**20:.1f}) | {r['compaction']['am']['kv_bytes_after'] / 2**20:.1f} |"
+            )
+        lines += [
+            "",
+            "agentmem stores, per KV head and entry, beta (fp32), position and token index (int32) beside the key "
+            "and value: 12 bytes more per head-entry than transformers' cache.",
+        ]
     lines += ["", f"Command: `{command}`", ""]
     return "\n".join(lines)
 
@@ -132,7 +207,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(
         prog="agentmem bench speed", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    p.add_argument("--lengths", type=int, nargs="+", default=[256, 1024, 2048])
+    p.add_argument("--lengths", type=int, nargs="+", default=[256, 1024, 2048, 4096])
     p.add_argument("--new-tokens", type=int, default=64)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--model", default="smollm2-135m")

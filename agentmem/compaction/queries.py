@@ -22,10 +22,18 @@ import torch
 
 @dataclass
 class QuerySet:
-    """Reference queries: ``per_layer[l]`` is (H_q, n_l, d) float32."""
+    """Reference queries: ``per_layer[l]`` is (H_q, n_l, d) float32; ``positions[l]`` (n_l,) int64,
+    the RoPE position each query was computed at, where the source knows it (buffered queries)."""
 
     source: str
     per_layer: dict[int, torch.Tensor] = field(default_factory=dict)
+    positions: dict[int, torch.Tensor] = field(default_factory=dict)
+
+    def _keep(self, layer: int, rows: int, cap: int, seed: int) -> torch.Tensor | None:
+        if rows <= cap:
+            return None
+        g = torch.Generator().manual_seed(seed * 1000 + layer)
+        return torch.randperm(rows, generator=g)[:cap].sort().values
 
     def for_kv_heads(self, layer: int, num_kv_heads: int, cap: int, seed: int = 0) -> torch.Tensor:
         """(H_kv, n', d): the rep query heads of each KV head stacked, at most ``cap`` rows per KV head."""
@@ -33,11 +41,18 @@ class QuerySet:
         hq, n, d = q.shape
         rep = hq // num_kv_heads
         stacked = q.reshape(num_kv_heads, rep * n, d)
-        if stacked.shape[1] > cap:
-            g = torch.Generator().manual_seed(seed * 1000 + layer)
-            keep = torch.randperm(stacked.shape[1], generator=g)[:cap].sort().values.to(q.device)
-            stacked = stacked[:, keep]
-        return stacked
+        keep = self._keep(layer, rep * n, cap, seed)
+        return stacked if keep is None else stacked[:, keep.to(q.device)]
+
+    def positions_for_kv_heads(self, layer: int, num_kv_heads: int, cap: int, seed: int = 0) -> torch.Tensor | None:
+        """(n',) int64: the positions of the rows :meth:`for_kv_heads` returns (same subsample), or None."""
+        pos = self.positions.get(layer)
+        if pos is None:
+            return None
+        rep = self.per_layer[layer].shape[0] // num_kv_heads
+        stacked = pos.repeat(rep)  # row r * n + i of the stack is query token i
+        keep = self._keep(layer, stacked.numel(), cap, seed)
+        return stacked if keep is None else stacked[keep.to(pos.device)]
 
     @property
     def tokens(self) -> int:
@@ -82,6 +97,7 @@ class QueryBuffer:
         self.mode = mode
         self.capacity = capacity
         self.data = torch.zeros(num_layers, capacity, num_q_heads, head_dim, dtype=dtype, device=device)
+        self.pos = torch.zeros(num_layers, capacity, dtype=torch.int64, device=device)  # RoPE position per row
         self.filled = [0] * num_layers  # valid rows per layer
         self.seen = [0] * num_layers  # query tokens offered per layer
         self.enabled = True
@@ -91,21 +107,24 @@ class QueryBuffer:
     def nbytes(self) -> int:
         return self.data.numel() * self.data.element_size()
 
-    def push(self, layer: int, query: torch.Tensor) -> None:
-        """query (1, H_q, n, d) as the attention function sees it."""
+    def push(self, layer: int, query: torch.Tensor, positions: torch.Tensor | None = None) -> None:
+        """query (1, H_q, n, d) as the attention function sees it; positions (n,) its RoPE positions."""
         if not self.enabled:
             return
         q = query[0].transpose(0, 1).detach()  # (n, H_q, d)
         n = q.shape[0]
+        pos = positions.to(self.pos.device, torch.int64) if positions is not None else self.pos.new_full((n,), -1)
         cap = self.capacity
         if self.mode == "recent":
-            q = q[-cap:]
+            q, pos = q[-cap:], pos[-cap:]
             k = q.shape[0]
             start = self.seen[layer] % cap
             first = min(k, cap - start)
             self.data[layer, start : start + first] = q[:first]
+            self.pos[layer, start : start + first] = pos[:first]
             if k > first:
                 self.data[layer, : k - first] = q[first:]
+                self.pos[layer, : k - first] = pos[first:]
             self.filled[layer] = min(cap, self.filled[layer] + k)
         else:  # reservoir sampling (algorithm R): token j replaces a random slot with prob cap / (j + 1)
             seen = self.seen[layer]
@@ -117,27 +136,74 @@ class QueryBuffer:
                 dst = torch.tensor(list(rows.keys()), device=q.device)
                 src = torch.tensor(list(rows.values()), device=q.device)
                 self.data[layer, dst] = q[src]
+                self.pos[layer, dst] = pos[src]
             self.filled[layer] = min(cap, seen + n)
         self.seen[layer] += n
 
     def query_set(self, layers: list[int] | None = None) -> QuerySet:
         layers = list(range(len(self.filled))) if layers is None else layers
-        out = {}
+        out, pos = {}, {}
         for layer in layers:
             k = self.filled[layer]
             if k:
                 out[layer] = self.data[layer, :k].transpose(0, 1).float()  # (H_q, k, d)
-        return QuerySet(source=self.mode, per_layer=out)
+                if bool((self.pos[layer, :k] >= 0).all()):
+                    pos[layer] = self.pos[layer, :k].clone()
+        return QuerySet(source=self.mode, per_layer=out, positions=pos)
 
     def rotate(self, delta: int, inv_freq: list[torch.Tensor]) -> None:
         """Follow a re-basing of the keys (every key moved by ``delta`` positions)."""
         for layer in range(self.data.shape[0]):
             if self.filled[layer]:
                 self.data[layer] = rotate_queries(self.data[layer], delta, inv_freq[layer])
+        self.pos += delta
 
     def clear(self) -> None:
         self.filled = [0] * len(self.filled)
         self.seen = [0] * len(self.seen)
+
+    def state(self) -> tuple[dict[str, torch.Tensor], dict]:
+        """For a file: tensors ``data`` (layers, rows, H_q, d), ``pos`` (layers, rows) int64 (rows =
+        the most any layer holds; the rest is zeros) and ``rng`` (the reservoir sampler's state);
+        meta ``mode``, ``capacity``, ``filled``, ``seen``, ``enabled``."""
+        rows = max(self.filled, default=0)
+        tensors = {
+            "data": self.data[:, :rows].cpu().clone(),
+            "pos": self.pos[:, :rows].cpu().clone(),
+            "rng": self._gen.get_state(),
+        }
+        meta = {"mode": self.mode, "capacity": self.capacity, "filled": list(self.filled), "seen": list(self.seen)}
+        return tensors, {**meta, "enabled": self.enabled}
+
+    def load_state(self, tensors: dict[str, torch.Tensor], meta: dict) -> None:
+        """Replace the content by a :meth:`state` of a buffer of the same shape; ValueError otherwise
+        (checked before anything changes)."""
+        layers, cap = self.data.shape[0], self.capacity
+        if meta.get("mode") != self.mode or meta.get("capacity") != cap:
+            raise ValueError(
+                f"query buffer ({meta.get('mode')!r}, {meta.get('capacity')} tokens) differs from this "
+                f"session's ({self.mode!r}, {cap} tokens)"
+            )
+        filled, seen = meta.get("filled"), meta.get("seen")
+        if not (isinstance(filled, list) and isinstance(seen, list) and len(filled) == len(seen) == layers):
+            raise ValueError(f"query buffer filled/seen must list {layers} layers")
+        if any(not isinstance(f, int) or not 0 <= f <= cap for f in filled):
+            raise ValueError(f"query buffer filled counts {filled} outside [0, {cap}]")
+        rows = max(filled, default=0)
+        data, pos, rng = tensors.get("data"), tensors.get("pos"), tensors.get("rng")
+        if data is None or tuple(data.shape) != (layers, rows, *self.data.shape[2:]):
+            raise ValueError(f"query buffer data has shape {None if data is None else tuple(data.shape)}")
+        if pos is None or tuple(pos.shape) != (layers, rows) or rng is None or rng.dtype != torch.uint8:
+            raise ValueError("query buffer positions or sampler state missing or malformed")
+        if not torch.isfinite(data).all():
+            raise ValueError("query buffer data holds NaN or inf")
+        self.data.zero_()
+        self.pos.zero_()
+        self.data[:, :rows] = data.to(self.data.device, self.data.dtype)
+        self.pos[:, :rows] = pos.to(self.pos.device, torch.int64)
+        self._gen.set_state(rng.clone())
+        self.filled, self.seen = [int(f) for f in filled], [int(s) for s in seen]
+        self.enabled = bool(meta.get("enabled", True))
 
 
 class QueryCollector:

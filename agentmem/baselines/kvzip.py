@@ -1,0 +1,37 @@
+"""KVzip-style eviction: entries scored by their attention from a repeat-prefill pass."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..budgets import entry_scores
+from ..cache import CompactedCache
+from ..compaction.base import CompactionReport, Replacement, SpanRequest
+from ..compaction.queries import QuerySet
+from .scored import evict, head_queries
+
+
+@dataclass
+class KVzip:
+    """KVzip (Kim et al., "KVzip: Query-Agnostic KV Cache Compression with Context
+    Reconstruction", arXiv 2505.23416). The model is asked to repeat the context; each entry's
+    score is the largest softmax weight any query of that repetition gives it. Entries are kept
+    by score; which heads keep how many is decided globally over all heads and layers (the
+    policy's ``global`` head budgets, budgets.py, with the same score).
+
+    Queries: (H_q, n, d) from a repeat-prefill pass (compaction/queries.py).
+    """
+
+    name: str = "kvzip"
+    needs_queries: bool = True
+    query_cap: int = 8192
+
+    def compact(
+        self, cache: CompactedCache, request: SpanRequest, queries: QuerySet | None, report: CompactionReport
+    ) -> list[list[Replacement]]:
+        q, _ = head_queries(cache, request.layer, queries, self.query_cap)  # (H_kv, n, d)
+
+        def score(h, q_h, pos):
+            return entry_scores(cache, request.layer, h, q_h, reduce="max")  # (L_h,)
+
+        return evict(cache, request, q, None, score, lambda t, at_end: 0)

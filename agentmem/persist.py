@@ -1,0 +1,432 @@
+"""Saving and loading sessions (and cartridges): one safetensors file with JSON metadata in its header.
+
+A saved session continues exactly where it stopped: same cache entries, capacities and positions,
+same pending token, query buffer, sampler state, policy and compaction ledger, so the next-token
+logits and every later compaction are those the original session would have produced.
+
+File format, version 1. The file is a plain safetensors file (``safetensors.safe_open`` reads it);
+its header ``__metadata__`` holds five strings:
+
+* ``agentmem.format``: ``"agentmem-session"`` or ``"agentmem-cartridge"``
+* ``agentmem.version``: ``"1"``
+* ``agentmem.meta``: the JSON document below
+* ``agentmem.meta_sha256`` / ``agentmem.data_sha256``: sha256 of that JSON text, and of every tensor
+  (name, dtype, shape and bytes, in name order); any edit or truncation is detected on load.
+
+Tensors (all on the CPU)::
+
+    cache.layers.{i}.k / .v      (P_i, d) / (P_i, d_v)  model dtype; P_i = entries of layer i, head-major
+    cache.layers.{i}.beta        (P_i,) float32         additive attention bias of each entry
+    cache.layers.{i}.pos / .tok  (P_i,) int32           RoPE position baked into each key / token index
+    query_buffer.data / .pos     (layers, rows, H_q, d) / (layers, rows)  buffered reference queries
+    query_buffer.rng             uint8                  the reservoir sampler's generator state
+    transcript_ids               (T,) int32             every token read or sampled
+    sampler_rng                  uint8                  the session sampler's generator state
+
+JSON metadata: ``model`` (name, path, model_type, config_hash, dtype, device, and a fingerprint of
+sampled weights), ``cache`` (logical length, position offset, peak and current bytes, dtype, per
+layer the per-head ``lengths`` and ``caps``), ``query_buffer`` (mode, capacity, filled / seen per
+layer; null without a buffer), ``policy`` (the policy config, pydantic ``model_dump``), ``positions``,
+``max_kv_bytes``, ``chunk_tokens``, ``session`` (``pending`` tokens, ``started``, chat ``messages``,
+``chat_text``, ``tools``, ``latest_turn``, ``pinned`` ranges, ``compactions``: the ledger as
+``CompactionEvent.as_dict``, and ``transcript_text``: the raw text of everything read or generated,
+for people and tools), ``stats``
+(informational) and ``agentmem_version``.
+
+Writes are atomic: the file is written under a temporary name in the same directory, synced, then
+``os.replace``-d over the target; a failed save leaves an existing file untouched.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import tempfile
+from array import array
+from pathlib import Path
+from types import EllipsisType
+from typing import TYPE_CHECKING, Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from .errors import AgentMemError, ModelMismatchError, ModelNotFoundError, SessionFileError
+from .events import CompactionEvent
+from .models import _EMBEDDED_HINTS, LoadedModel
+from .positions import PositionConfig
+
+if TYPE_CHECKING:
+    from .session import AgentSession
+
+log = logging.getLogger(__name__)
+
+FORMAT_VERSION = 1
+SESSION = "agentmem-session"
+CARTRIDGE = "agentmem-cartridge"
+MiB = 2**20
+_FINGERPRINT_PARAMS = 6  # parameters sampled (evenly over the model) ...
+_FINGERPRINT_VALUES = 16  # ... and values sampled (evenly over each parameter)
+
+
+# ---------------------------------------------------------------------- model identity
+def weights_fingerprint(model: torch.nn.Module) -> dict:
+    """A few weights sampled evenly over the model: tells apart models that share a config."""
+    params = [(n, p) for n, p in model.named_parameters() if p.device.type != "meta" and p.numel()]
+    if not params:
+        return {"names": [], "values": []}
+    picks = _evenly(len(params), _FINGERPRINT_PARAMS)
+    names, values = [], []
+    for i in dict.fromkeys(picks):
+        name, p = params[i]
+        flat = p.detach().reshape(-1)
+        idx = torch.tensor(_evenly(flat.numel(), _FINGERPRINT_VALUES), device=flat.device)
+        names.append(name)
+        values.append([float(x) for x in flat[idx].float().cpu()])
+    return {"names": names, "values": values}
+
+
+def _evenly(n: int, k: int) -> list[int]:
+    """k indices spread evenly over range(n), first and last included (exact integer arithmetic)."""
+    k = min(k, n)
+    return [i * (n - 1) // max(1, k - 1) for i in range(k)]
+
+
+def model_identity(loaded: LoadedModel) -> dict:
+    """What a file records about its model (checked by :func:`check_model`)."""
+    return {
+        "name": loaded.name,
+        "path": str(loaded.path),
+        "model_type": loaded.spec.model_type,
+        "config_hash": loaded.spec.config_hash,
+        "dtype": _dtype_name(loaded.dtype),
+        "device": str(loaded.device),
+        "fingerprint": weights_fingerprint(loaded.model),
+    }
+
+
+def check_model(saved: dict, loaded: LoadedModel, source: str) -> None:
+    """Raise :class:`ModelMismatchError` unless ``loaded`` is the model ``saved`` describes.
+
+    The config hash (``ModelSpec.config_hash``) must match; sampled weights must agree to within
+    bf16 rounding (so fp32 and bf16 copies of one model match, a fine-tune does not).
+    """
+    here = f"{loaded.name!r} ({loaded.spec.model_type}, config {loaded.spec.config_hash}, {_dtype_name(loaded.dtype)})"
+    there = (
+        f"{saved.get('name')!r} ({saved.get('model_type')}, config {saved.get('config_hash')}, {saved.get('dtype')})"
+    )
+    if saved.get("config_hash") != loaded.spec.config_hash:
+        hint = ""
+        if saved.get("dtype") != _dtype_name(loaded.dtype) and saved.get("model_type") == loaded.spec.model_type:
+            hint = f" (the config hash includes the dtype the model was loaded in: try dtype={saved.get('dtype')!r})"
+        raise ModelMismatchError(
+            f"{source} was saved from model {there}, not from {here}{hint}; load it with that model "
+            "(or model=None to load the model named in the file)"
+        )
+    fp, mine = saved.get("fingerprint") or {}, weights_fingerprint(loaded.model)
+    if fp.get("names") != mine["names"] or not all(
+        _close(a, b) for xs, ys in zip(fp.get("values", []), mine["values"]) for a, b in zip(xs, ys)
+    ):
+        raise ModelMismatchError(
+            f"{source} was saved from model {there}; {here} has the same configuration but different weights. "
+            "Load it with the model that wrote it."
+        )
+
+
+def _close(a: float, b: float) -> bool:
+    return abs(a - b) <= 1e-2 * max(abs(a), abs(b)) + 1e-6
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+# ---------------------------------------------------------------------- file level
+def write_file(path: str | os.PathLike, kind: str, tensors: dict[str, torch.Tensor], meta: dict) -> Path:
+    """Write ``tensors`` and ``meta`` (JSON-serialisable) atomically to ``path``; returns the path."""
+    path = Path(path)
+    text = json.dumps(meta, ensure_ascii=False)
+    header = {
+        "agentmem.format": kind,
+        "agentmem.version": str(FORMAT_VERSION),
+        "agentmem.meta": text,
+        "agentmem.meta_sha256": hashlib.sha256(text.encode()).hexdigest(),
+        "agentmem.data_sha256": _data_digest(tensors),
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        _write_tensors(tmp, tensors, header)
+        with open(tmp, "rb+") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    try:  # make the rename itself durable (best effort: not every platform can open a directory)
+        dir_fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+    except OSError:
+        pass
+    return path
+
+
+def _write_tensors(path: str, tensors: dict[str, torch.Tensor], header: dict[str, str]) -> None:
+    save_file({k: v.contiguous() for k, v in tensors.items()}, path, metadata=header)
+
+
+def _data_digest(tensors: dict[str, torch.Tensor]) -> str:
+    digest = hashlib.sha256()
+    for name in sorted(tensors):
+        t = tensors[name].detach().contiguous().cpu()
+        digest.update(f"{name}|{_dtype_name(t.dtype)}|{tuple(t.shape)}|".encode())
+        if t.numel():
+            digest.update(t.reshape(-1).view(torch.uint8).numpy())
+    return digest.hexdigest()
+
+
+def read_file(path: str | os.PathLike, kind: str) -> tuple[dict[str, torch.Tensor], dict]:
+    """Read and verify a file written by :func:`write_file`; :class:`SessionFileError` if it is not one."""
+    path = Path(path)
+    what = "session" if kind == SESSION else "cartridge"
+    if not path.is_file():
+        raise SessionFileError(f"no saved {what} at {path}")
+    damaged = f"{path} is damaged ({{}}): restore it from a backup or save the {what} again"
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as fh:
+            header = fh.metadata() or {}
+            tensors = {name: fh.get_tensor(name) for name in fh.keys()}
+    except Exception as exc:  # safetensors raises its own error type for truncated or garbled files
+        raise SessionFileError(damaged.format(f"not a readable safetensors file: {exc}")) from exc
+    found = header.get("agentmem.format")
+    if found not in (SESSION, CARTRIDGE):
+        raise SessionFileError(f"{path} is a safetensors file but not an agentmem {what}")
+    if found != kind:
+        other = "a session (use AgentSession.load)" if found == SESSION else "a cartridge (use Cartridge.load)"
+        raise SessionFileError(f"{path} holds {other}, not a {what}")
+    version = header.get("agentmem.version")
+    if version != str(FORMAT_VERSION):
+        newer = version is not None and version.isdigit() and int(version) > FORMAT_VERSION
+        fix = "upgrade agentmem to read it" if newer else "save it again with this version of agentmem"
+        raise SessionFileError(
+            f"{path} uses {what} format version {version!r}; this agentmem reads {FORMAT_VERSION}: {fix}"
+        )
+    text = header.get("agentmem.meta", "")
+    if hashlib.sha256(text.encode()).hexdigest() != header.get("agentmem.meta_sha256"):
+        raise SessionFileError(damaged.format("its metadata does not match its checksum"))
+    if _data_digest(tensors) != header.get("agentmem.data_sha256"):
+        raise SessionFileError(damaged.format("its tensors do not match their checksum"))
+    try:
+        meta = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise SessionFileError(damaged.format(f"its metadata is not JSON: {exc}")) from exc
+    if not isinstance(meta, dict):
+        raise SessionFileError(damaged.format("its metadata is not a JSON object"))
+    return tensors, meta
+
+
+# ---------------------------------------------------------------------- session state
+def session_state(session: AgentSession) -> tuple[dict[str, torch.Tensor], dict]:
+    """Everything needed to continue ``session`` exactly: ``(tensors, meta)`` as described above."""
+    engine, cache = session.engine, session.cache
+    cache_t, cache_m = cache.state()
+    tensors = {f"cache.{k}": v for k, v in cache_t.items()}
+    qb_meta = None
+    if cache.query_buffer is not None:
+        qb_t, qb_meta = cache.query_buffer.state()
+        tensors.update({f"query_buffer.{k}": v for k, v in qb_t.items()})
+    tensors["transcript_ids"] = torch.tensor(list(engine.transcript_ids), dtype=torch.int32)
+    tensors["sampler_rng"] = session._generator.get_state()
+    st = session.stats
+    meta = {
+        "model": model_identity(session._loaded),
+        "cache": cache_m,
+        "query_buffer": qb_meta,
+        "policy": session.policy.config.model_dump(mode="json"),
+        "positions": session.positions.model_dump(mode="json"),
+        "max_kv_bytes": session.max_kv_bytes,
+        "chunk_tokens": engine.chunk_tokens,
+        "session": {
+            "pending": list(session._pending),
+            "started": session._started,
+            "messages": session.messages,
+            "chat_text": session._chat_text,
+            "tools": getattr(session, "tools", None),
+            "latest_turn": getattr(session, "latest_turn", None),
+            "pinned": [list(r) for r in engine.pinned],
+            "compactions": [e.as_dict() for e in engine.compactions],
+            "transcript_text": session.transcript(),
+        },
+        "stats": {
+            "kv_bytes": st.kv_bytes,
+            "payload_bytes": st.payload_bytes,
+            "logical_tokens": st.logical_tokens,
+            "physical_tokens": st.physical_tokens,
+        },
+        "agentmem_version": _version(),
+    }
+    return tensors, meta
+
+
+def _version() -> str:
+    from . import __version__
+
+    return __version__
+
+
+def _sub(tensors: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    return {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
+
+
+class _Parsed:
+    """The python values of a file's session part, checked before anything is written."""
+
+    def __init__(self, tensors: dict[str, torch.Tensor], meta: dict, vocab: int):
+        s = meta["session"]
+        ids = tensors["transcript_ids"]
+        if ids.dtype != torch.int32 or ids.dim() != 1:
+            raise ValueError("transcript_ids must be a 1-d int32 tensor")
+        self.transcript = array("i", ids.tolist())
+        self.pending = [int(i) for i in s["pending"]]
+        if any(not 0 <= i < vocab for i in self.pending) or (
+            len(ids) and not 0 <= int(ids.min()) <= int(ids.max()) < vocab
+        ):
+            raise ValueError(f"token ids outside the model's vocabulary [0, {vocab})")
+        self.started = bool(s["started"])
+        self.messages = list(s["messages"])
+        self.chat_text = str(s["chat_text"])
+        self.tools = s.get("tools")
+        self.latest_turn = tuple(s["latest_turn"]) if s.get("latest_turn") is not None else None
+        self.pinned = [(int(a), int(b)) for a, b in s["pinned"]]
+        self.compactions = [CompactionEvent(**e) for e in s["compactions"]]
+        self.rng = tensors["sampler_rng"]
+        if self.rng.dtype != torch.uint8:
+            raise ValueError("sampler_rng must be a uint8 tensor")
+
+
+def restore(session: AgentSession, tensors: dict[str, torch.Tensor], meta: dict, full: bool = True) -> None:
+    """Put a :func:`session_state` into ``session`` (whose model has been checked).
+
+    ``full=False`` (cartridges) restores memory only: cache, query buffer, transcript and pending
+    token; messages, sampler, ledger and pins stay the session's own. Everything is validated
+    before the session changes; raises ValueError / KeyError / TypeError for a malformed state.
+    """
+    parsed = _Parsed(tensors, meta, session.model.get_input_embeddings().num_embeddings)
+    engine, cache = session.engine, session.cache
+    qb, qb_meta = cache.query_buffer, meta.get("query_buffer")
+    cache.load_state(_sub(tensors, "cache."), meta["cache"])  # validates everything before writing
+    if qb is not None and qb_meta is not None:
+        try:
+            qb.load_state(_sub(tensors, "query_buffer."), qb_meta)
+        except ValueError as exc:
+            if full and _same_policy(session, meta):
+                raise
+            log.info("saved query buffer not restored (%s); it refills as the session reads", exc)
+    if not full:  # the building session's peak is not this session's
+        cache.peak_bytes = cache.kv_bytes
+    engine.transcript_ids = parsed.transcript
+    session._pending = parsed.pending
+    session._started = parsed.started
+    if full:
+        engine.compactions = parsed.compactions
+        engine.pinned = parsed.pinned
+        session.messages = parsed.messages
+        session._chat_text = parsed.chat_text
+        session.tools, session.latest_turn = parsed.tools, parsed.latest_turn
+        session._generator.set_state(parsed.rng.clone())
+        if session.max_kv_bytes == meta.get("max_kv_bytes") and isinstance(meta.get("chunk_tokens"), int):
+            engine.chunk_tokens = max(1, meta["chunk_tokens"])
+
+
+def _same_policy(session: AgentSession, meta: dict) -> bool:
+    return session.policy.config.model_dump(mode="json") == meta.get("policy")
+
+
+def save_session(session: AgentSession, path: str | os.PathLike) -> Path:
+    """Write ``session`` to ``path`` (one file, atomically); returns the path."""
+    with session._lock:
+        tensors, meta = session_state(session)
+    return write_file(path, SESSION, tensors, meta)
+
+
+def model_source(saved: dict, what: str) -> str:
+    """What to pass to ``load_model`` to get the model ``saved`` (a file's ``model`` entry) names."""
+    name, where = saved.get("name"), saved.get("path")
+    if name in _EMBEDDED_HINTS:
+        return name
+    if where and where != "." and Path(where).exists():
+        return where
+    raise ModelNotFoundError(
+        f"{what} was saved from model {name!r} ({where if where not in (None, '.') else 'built in-process'}), "
+        "which cannot be found here: pass model="
+    )
+
+
+def load_session(
+    path: str | os.PathLike,
+    model: Any = None,
+    max_kv_mb: float | None | EllipsisType = ...,
+    device: str | None = None,
+    dtype: str | torch.dtype | None = None,
+    policy: Any = None,
+    tokenizer: Any = None,
+) -> AgentSession:
+    """A session saved by :func:`save_session`, continuing exactly where it stopped.
+
+    ``model``: None loads the model named in the file (embedded name or local path); otherwise a
+    name, path, LoadedModel or transformers model (with ``tokenizer``), which must be the model the
+    session was saved from (:class:`ModelMismatchError` otherwise). ``max_kv_mb``: default the saved
+    budget; a budget too small for the saved memory raises BudgetError. ``policy``: default the saved
+    policy config. Errors leave nothing behind: either a complete session or an exception.
+    """
+    from .policy import resolve_policy
+    from .session import AgentSession
+
+    path = Path(path)
+    tensors, meta = read_file(path, SESSION)
+    try:
+        saved = meta["model"]
+        saved_budget = meta["max_kv_bytes"]
+        positions = PositionConfig.model_validate(meta["positions"])
+        chosen_policy = resolve_policy(policy if policy is not None else meta["policy"])
+        chunk = int(meta["chunk_tokens"])
+        if model is None:
+            model = model_source(saved, str(path))
+            dtype = dtype or saved["dtype"]  # the dtype is part of the config hash (and of exactness)
+        budget = (None if saved_budget is None else saved_budget / MiB) if max_kv_mb is ... else max_kv_mb
+        session = AgentSession(
+            model=model,
+            max_kv_mb=budget,
+            policy=chosen_policy,
+            device=device,
+            dtype=dtype,
+            tokenizer=tokenizer,
+            chunk_tokens=max(1, chunk),
+            positions=positions,
+        )
+        check_model(saved, session._loaded, str(path))
+        if _dtype_name(session._loaded.dtype) != saved.get("dtype"):
+            log.warning(
+                "%s: saved in %s, loaded in %s: the continuation is close, not exact",
+                path,
+                saved.get("dtype"),
+                _dtype_name(session._loaded.dtype),
+            )
+        restore(session, tensors, meta, full=True)
+    except AgentMemError:
+        raise
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:
+        raise SessionFileError(
+            f"{path} is damaged or incomplete ({type(exc).__name__}: {exc}): restore it from a backup "
+            "or save the session again"
+        ) from exc
+    return session

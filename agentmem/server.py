@@ -1,0 +1,615 @@
+"""OpenAI-compatible HTTP server: one :class:`AgentSession` (its own KV budget) per conversation.
+
+Endpoints: ``POST /v1/chat/completions`` (JSON, or server-sent events with ``"stream": true``),
+``GET /v1/models``, ``GET /v1/models/{id}``, ``GET /health``. Built on the standard library's
+``ThreadingHTTPServer`` (a thread per request); request bodies are validated with pydantic.
+
+Conversations. The conversation id is taken from the ``X-Conversation-Id`` header, else the body
+field ``conversation_id`` (``extra_body`` in the openai client), else ``metadata["conversation_id"]``.
+A request with an id reuses that conversation's session; without one, a fresh session serves the
+request and is dropped. A session keeps its own history, so of the request's ``messages`` only the
+new ones are read: if the messages the conversation has already read or generated are a prefix of
+``messages`` (compared on role, content, tool_calls and tool_call_id), only the messages after
+that prefix are read; otherwise all of ``messages`` are taken as new (a client may send just the
+new turn). Requests of one conversation run one at a time; different conversations run at once on
+the shared model and never see each other's memory. At most ``max_sessions`` conversations are
+kept (least recently used first out).
+
+Messages: ``system`` / ``developer`` messages are pinned (never compacted) when they take at most a
+quarter of the budget; ``tool`` messages go through :func:`agentmem.toolcalls.tool_result`, so they
+are compacted right after they are read, with receipts; ``user`` / ``assistant`` messages (with
+their ``tool_calls``) and the request's ``tools`` are rendered by the model's chat template. The
+server does not parse tool calls out of the model's reply: replies are plain ``content``.
+
+Extensions of the OpenAI format: body fields ``max_kv_mb`` (the conversation's KV budget, set when
+it is created; default ``--max-kv-mb``), ``tool_ratio`` (compaction ratio of this request's tool
+messages) and ``conversation_id``; responses (and the last stream chunk) carry a top-level
+``agentmem`` object: conversation id, memory stats, the compactions run during the request and the
+tool receipts. ``usage.prompt_tokens`` counts the tokens read for this request (the new messages),
+not the whole history. ``temperature`` defaults to 0 (greedy) when omitted.
+
+Errors use OpenAI's shape ``{"error": {"message", "type", "param", "code"}}``: malformed JSON or
+invalid fields 400, unknown model 404, body over ``max_body_bytes`` 413; the server keeps serving.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import logging
+import threading
+import time
+import uuid
+from collections import OrderedDict
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from .errors import AgentMemError
+from .events import CompactionEvent
+from .models import LoadedModel, load_model
+from .session import AgentSession
+
+log = logging.getLogger(__name__)
+
+MiB = 2**20
+
+
+# ------------------------------------------------------------------ request bodies
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: str | list[dict[str, Any]] | None = None
+    name: str | None = None
+    tool_calls: list[dict[str, Any]] | None = None
+    tool_call_id: str | None = None
+
+
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    include_usage: bool = False
+
+
+class ChatCompletionRequest(BaseModel):
+    """The fields of OpenAI's chat completion request that agentmem reads (others are ignored)."""
+
+    model_config = ConfigDict(extra="allow")
+
+    model: str
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_tokens: int | None = Field(default=None, ge=0)
+    max_completion_tokens: int | None = Field(default=None, ge=0)
+    temperature: float | None = Field(default=None, ge=0.0, le=2.0)
+    top_p: float | None = Field(default=None, gt=0.0, le=1.0)
+    stop: str | list[str] | None = None
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    n: int = Field(default=1, ge=1, le=1, description="one choice per request")
+    tools: list[dict[str, Any]] | None = None
+    user: str | None = None
+    metadata: dict[str, Any] | None = None
+    # agentmem extensions
+    conversation_id: str | None = Field(default=None, max_length=256)
+    max_kv_mb: float | None = Field(default=None, gt=0.0)
+    tool_ratio: float | None = Field(default=None, gt=0.0, le=1.0)
+
+
+class ServerConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    max_kv_mb: float = Field(default=64.0, gt=0.0, description="default KV budget of a conversation (MiB)")
+    max_kv_mb_limit: float = Field(default=1024.0, gt=0.0, description="largest max_kv_mb a request may ask for")
+    policy: str | None = None
+    max_body_bytes: int = Field(default=8 * MiB, ge=1024)
+    max_sessions: int = Field(default=32, ge=1)
+    max_new_tokens: int = Field(default=512, ge=1, description="when the request gives no max_tokens")
+    max_new_tokens_limit: int = Field(default=8192, ge=1)
+
+
+class APIError(Exception):
+    def __init__(self, status: int, message: str, code: str | None = None, param: str | None = None):
+        super().__init__(message)
+        self.status, self.message, self.code, self.param = status, message, code, param
+
+    def body(self) -> dict:
+        kind = "invalid_request_error" if self.status < 500 else "server_error"
+        return {"error": {"message": self.message, "type": kind, "param": self.param, "code": self.code}}
+
+
+# ------------------------------------------------------------------ conversations
+
+
+def _text(content: str | list[dict[str, Any]] | None) -> str:
+    if content is None or isinstance(content, str):
+        return content or ""
+    parts = []
+    for part in content:
+        if part.get("type") not in ("text", "input_text") or not isinstance(part.get("text"), str):
+            kind = part.get("type")
+            raise APIError(400, f"only text content parts are supported (got type {kind!r})", param="messages")
+        parts.append(part["text"])
+    return "".join(parts)
+
+
+def _message(m: ChatMessage) -> dict:
+    d: dict[str, Any] = {"role": "system" if m.role == "developer" else m.role, "content": _text(m.content)}
+    if m.name:
+        d["name"] = m.name
+    if m.tool_calls:
+        d["tool_calls"] = m.tool_calls
+    if m.tool_call_id:
+        d["tool_call_id"] = m.tool_call_id
+    return d
+
+
+def _key(m: dict) -> tuple:
+    calls = json.dumps(m.get("tool_calls"), sort_keys=True) if m.get("tool_calls") else None
+    return (m["role"], m["content"], calls, m.get("tool_call_id"))
+
+
+@dataclass
+class Conversation:
+    session: AgentSession
+    max_kv_mb: float
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    history: list[tuple] = field(default_factory=list)  # keys of the messages read or generated, in order
+
+
+def new_messages(history: list[tuple], messages: list[dict]) -> list[dict]:
+    """The messages a conversation has not read yet (see the module docstring for the rule)."""
+    keys = [_key(m) for m in messages]
+    if history and keys[: len(history)] == history:
+        return messages[len(history) :]
+    return messages
+
+
+class AgentMemServer:
+    """The server's state: one loaded model, its conversations, the HTTP listener."""
+
+    def __init__(self, model: LoadedModel | str | None = None, config: ServerConfig | None = None, **kw):
+        self.config = config or ServerConfig(**kw)
+        self.loaded = model if isinstance(model, LoadedModel) else load_model(model)
+        self.model_id = self.loaded.spec.name
+        self.created = int(time.time())
+        self._conversations: OrderedDict[str, Conversation] = OrderedDict()
+        self._lock = threading.Lock()
+        self.httpd: ThreadingHTTPServer | None = None
+        self._thread: threading.Thread | None = None
+
+    # -------------------------------------------------------------- sessions
+    def _new_session(self, max_kv_mb: float) -> AgentSession:
+        return AgentSession(self.loaded, max_kv_mb=max_kv_mb, policy=self.config.policy)
+
+    def conversation(self, conv_id: str | None, max_kv_mb: float | None) -> tuple[Conversation, bool]:
+        """(conversation, whether it is kept after the request)."""
+        if max_kv_mb is not None and max_kv_mb > self.config.max_kv_mb_limit:
+            raise APIError(400, f"max_kv_mb must be <= {self.config.max_kv_mb_limit:g}", param="max_kv_mb")
+        budget = max_kv_mb or self.config.max_kv_mb
+        if conv_id is None:
+            return Conversation(self._new_session(budget), budget), False
+        with self._lock:
+            conv = self._conversations.get(conv_id)
+            if conv is not None:
+                self._conversations.move_to_end(conv_id)
+                if max_kv_mb is not None and max_kv_mb != conv.max_kv_mb:
+                    raise APIError(
+                        400,
+                        f"conversation {conv_id!r} has max_kv_mb={conv.max_kv_mb:g}; it cannot change",
+                        param="max_kv_mb",
+                    )
+                return conv, True
+            conv = Conversation(self._new_session(budget), budget)
+            self._conversations[conv_id] = conv
+            while len(self._conversations) > self.config.max_sessions:
+                idle = next((k for k, c in self._conversations.items() if not c.lock.locked() and k != conv_id), None)
+                if idle is None:
+                    break
+                del self._conversations[idle]
+            return conv, True
+
+    @property
+    def conversation_ids(self) -> list[str]:
+        with self._lock:
+            return list(self._conversations)
+
+    # -------------------------------------------------------------- chat
+    def parse(self, body: bytes) -> ChatCompletionRequest:
+        try:
+            data = json.loads(body)
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise APIError(400, f"request body is not valid JSON: {exc}", code="invalid_json") from exc
+        if not isinstance(data, dict):
+            raise APIError(400, "request body must be a JSON object", code="invalid_json")
+        try:
+            req = ChatCompletionRequest.model_validate(data)
+        except ValidationError as exc:
+            err = exc.errors()[0]
+            loc = ".".join(str(p) for p in err["loc"])
+            raise APIError(400, f"{loc}: {err['msg']} ({exc.error_count()} error(s))", param=loc) from exc
+        if req.model != self.model_id:
+            message = f"model {req.model!r} does not exist; this server has {self.model_id!r}"
+            raise APIError(404, message, code="model_not_found", param="model")
+        return req
+
+    def chat(self, req: ChatCompletionRequest, conv_id: str | None) -> Iterator[dict]:
+        """Run one request; yields stream chunks (the last one has ``finish_reason``) as dicts.
+
+        Everything that can fail on the request's content fails before the first chunk.
+        """
+        conv_id = conv_id or req.conversation_id or (req.metadata or {}).get("conversation_id")
+        if conv_id is not None:
+            conv_id = str(conv_id)
+        conv, kept = self.conversation(conv_id, req.max_kv_mb)
+        messages = [_message(m) for m in req.messages]
+        max_new = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
+        max_new = self.config.max_new_tokens if max_new is None else max_new
+        if max_new > self.config.max_new_tokens_limit:
+            raise APIError(400, f"max_tokens must be <= {self.config.max_new_tokens_limit}", param="max_tokens")
+        conv.lock.acquire()
+        try:
+            session = conv.session
+            first_event = len(session.compactions)
+            t_before = len(session.transcript_ids)
+            new = new_messages(conv.history, messages)
+            session.tools = req.tools or None
+            split = len(new) - 1 if new and new[-1]["role"] in ("user", "assistant") else len(new)
+            receipts = self._feed(conv, new[:split], req)
+            tail = new[split:]  # read together with the generation prompt
+            with session._lock:
+                ids = session._chat_ids(tail, add_generation_prompt=True)
+            prompt_tokens = len(session.transcript_ids) + len(ids) - t_before
+            events = session._chat_events(ids, max_new, req.temperature or 0.0, req.top_p or 1.0, req.stop)
+            try:  # read the prompt now: its errors are the request's, and what is recorded is what was read
+                first = next(events)
+            except BaseException:
+                events.close()
+                raise
+            conv.history.extend(_key(m) for m in tail)
+        except AgentMemError as exc:
+            conv.lock.release()
+            raise APIError(400, str(exc)) from exc
+        except BaseException:
+            conv.lock.release()
+            raise
+        run = self._run(conv, kept, conv_id, first, events, receipts, first_event, prompt_tokens)
+        return _Reply(run, conv.lock)
+
+    def _feed(self, conv: Conversation, messages: list[dict], req: ChatCompletionRequest) -> list:
+        """Read messages without generating: system pinned, tool outputs compacted (receipts)."""
+        session = conv.session
+        receipts, group = [], []
+        names = {  # tool_call_id -> function name, from the request's assistant tool_calls
+            c.get("id"): (c.get("function") or {}).get("name")
+            for m in req.messages
+            for c in m.tool_calls or []
+            if isinstance(c, dict)
+        }
+
+        def flush():
+            if group:
+                with session._lock:
+                    session._read(session._chat_ids(list(group), add_generation_prompt=False), session.compactions)
+                conv.history.extend(_key(m) for m in group)
+                group.clear()
+
+        for m in messages:
+            if m["role"] == "tool":
+                flush()
+                name = m.get("name") or names.get(m.get("tool_call_id")) or "tool"
+                receipts.append(
+                    session.tool_result(name, m["content"], ratio=req.tool_ratio, tool_call_id=m.get("tool_call_id"))
+                )
+                conv.history.append(_key(m))
+            elif m["role"] == "system":
+                flush()
+                n = len(session.tokenizer(m["content"], add_special_tokens=False)["input_ids"])
+                session.append(m["content"], role="system", pin=n <= session.cache.max_tokens() // 4)
+                conv.history.append(_key(m))
+            else:
+                group.append(m)
+        flush()
+        return receipts
+
+    def _run(self, conv, kept, conv_id, first, events, receipts, first_event, prompt_tokens) -> Iterator[dict]:
+        session = conv.session
+        try:
+            result = None
+            for ev in itertools.chain([first], events):
+                if ev.kind == "token" and ev.text:
+                    yield {"delta": ev.text}
+                elif ev.kind == "done":
+                    result = ev.result
+            conv.history.append(_key({"role": "assistant", "content": result.text}))
+            compactions: list[CompactionEvent] = session.compactions[first_event:]
+            st = session.stats
+            yield {
+                "finish_reason": "length" if result.finish_reason == "length" else "stop",
+                "usage": {
+                    "prompt_tokens": prompt_tokens,
+                    "completion_tokens": result.stats.generated_tokens,
+                    "total_tokens": prompt_tokens + result.stats.generated_tokens,
+                },
+                "agentmem": {
+                    "conversation_id": conv_id if kept else None,
+                    "max_kv_mb": conv.max_kv_mb,
+                    "stats": {
+                        "kv_bytes": st.kv_bytes,
+                        "payload_bytes": st.payload_bytes,
+                        "peak_kv_bytes": st.peak_kv_bytes,
+                        "max_kv_bytes": st.max_kv_bytes,
+                        "logical_tokens": st.logical_tokens,
+                        "physical_tokens": st.physical_tokens,
+                        "compactions_total": len(st.compactions),
+                    },
+                    "compactions": [e.as_dict() for e in compactions],
+                    "tool_receipts": [r.as_dict(events=False) for r in receipts],
+                },
+            }
+        finally:
+            events.close()
+
+    # -------------------------------------------------------------- HTTP
+    def start(self, host: str = "127.0.0.1", port: int = 8000) -> str:
+        """Listen in a background thread; returns the base URL (``port=0`` picks a free port)."""
+        self.httpd = ThreadingHTTPServer((host, port), _make_handler(self))
+        self.httpd.daemon_threads = True
+        self._thread = threading.Thread(target=self.httpd.serve_forever, name="agentmem-server", daemon=True)
+        self._thread.start()
+        return self.url
+
+    @property
+    def url(self) -> str:
+        assert self.httpd is not None
+        host, port = self.httpd.server_address[:2]
+        return f"http://{host}:{port}"
+
+    def serve_forever(self, host: str = "127.0.0.1", port: int = 8000) -> None:
+        self.httpd = ThreadingHTTPServer((host, port), _make_handler(self))
+        self.httpd.daemon_threads = True
+        try:
+            self.httpd.serve_forever()
+        finally:
+            self.httpd.server_close()
+
+    def shutdown(self) -> None:
+        if self.httpd is not None:
+            self.httpd.shutdown()
+            self.httpd.server_close()
+        if self._thread is not None:
+            self._thread.join(timeout=10)
+
+
+class _Reply:
+    """The chunks of one reply; holds the conversation's lock until exhausted or closed."""
+
+    def __init__(self, chunks: Iterator[dict], lock: threading.Lock):
+        self._chunks, self._lock, self._held = chunks, lock, True
+
+    def __iter__(self) -> Iterator[dict]:
+        try:
+            yield from self._chunks
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        if self._held:
+            self._held = False
+            try:
+                self._chunks.close()
+            finally:
+                self._lock.release()
+
+
+def _make_handler(server: AgentMemServer):
+    class Handler(_Handler):
+        app = server
+
+    return Handler
+
+
+class _Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    server_version = "agentmem"
+    app: AgentMemServer
+
+    def log_message(self, format: str, *args) -> None:  # noqa: A002 - the stdlib's signature
+        log.info("%s %s", self.address_string(), format % args)
+
+    # -------------------------------------------------------------- responses
+    def _send_json(self, status: int, body: dict, close: bool = False) -> None:
+        data = json.dumps(body).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        if close:
+            self.send_header("Connection", "close")
+            self.close_connection = True
+        self.end_headers()
+        self.wfile.write(data)
+
+    def _error(self, err: APIError, close: bool = False) -> None:
+        self._send_json(err.status, err.body(), close)
+
+    # -------------------------------------------------------------- GET
+    def do_GET(self) -> None:  # noqa: N802
+        path = self.path.split("?", 1)[0].rstrip("/")
+        app = self.app
+        model = {"id": app.model_id, "object": "model", "created": app.created, "owned_by": "agentmem"}
+        if path == "/health":
+            self._send_json(200, {"status": "ok", "model": app.model_id, "conversations": len(app.conversation_ids)})
+        elif path == "/v1/models":
+            self._send_json(200, {"object": "list", "data": [model]})
+        elif path.startswith("/v1/models/"):
+            if path[len("/v1/models/") :] == app.model_id:
+                self._send_json(200, model)
+            else:
+                self._error(APIError(404, f"model {path[len('/v1/models/') :]!r} does not exist", "model_not_found"))
+        elif path == "/v1/chat/completions":
+            self._error(APIError(405, "use POST for /v1/chat/completions", "method_not_allowed"))
+        else:
+            self._error(APIError(404, f"no route {path!r}", "not_found"))
+
+    # -------------------------------------------------------------- POST
+    def _body(self) -> bytes:
+        if self.headers.get("Transfer-Encoding", "").lower() == "chunked":
+            raise _Close(APIError(411, "send the body with a Content-Length (chunked bodies are not accepted)"))
+        try:
+            length = int(self.headers.get("Content-Length", "0"))
+        except ValueError:
+            raise _Close(APIError(400, "invalid Content-Length")) from None
+        if length < 0:
+            raise _Close(APIError(400, "invalid Content-Length"))
+        limit = self.app.config.max_body_bytes
+        if length > limit:
+            self._drain(length, limit)
+            raise _Close(
+                APIError(413, f"request body is {length} bytes; the limit is {limit}", "request_too_large"),
+            )
+        return self.rfile.read(length)
+
+    def _drain(self, length: int, limit: int) -> None:
+        """Read (and drop) an oversize body so the client sees the 413, unless it is far too large."""
+        if length > max(4 * limit, 64 * MiB):
+            return
+        left = length
+        while left > 0:
+            chunk = self.rfile.read(min(left, 1 << 16))
+            if not chunk:
+                break
+            left -= len(chunk)
+
+    def do_POST(self) -> None:  # noqa: N802
+        path = self.path.split("?", 1)[0].rstrip("/")
+        try:
+            body = self._body()
+        except _Close as close:
+            self._error(close.err, close=True)
+            return
+        if path != "/v1/chat/completions":
+            self._error(APIError(404, f"no route {path!r}", "not_found"))
+            return
+        try:
+            req = self.app.parse(body)
+            chunks = self.app.chat(req, self.headers.get("X-Conversation-Id"))
+        except APIError as err:
+            self._error(err)
+            return
+        except (ValueError, TypeError) as exc:
+            self._error(APIError(400, str(exc)))
+            return
+        except Exception as exc:
+            log.exception("chat completion failed")
+            self._error(APIError(500, f"internal error: {type(exc).__name__}: {exc}"))
+            return
+        completion_id = f"chatcmpl-{uuid.uuid4().hex[:24]}"
+        created = int(time.time())
+        try:
+            if req.stream:
+                self._stream(chunks, completion_id, created, req)
+            else:
+                self._complete(chunks, completion_id, created)
+        finally:
+            chunks.close()
+
+    def _complete(self, chunks: _Reply, completion_id: str, created: int) -> None:
+        text, last = [], {}
+        try:
+            for c in chunks:
+                if "delta" in c:
+                    text.append(c["delta"])
+                else:
+                    last = c
+        except Exception as exc:
+            log.exception("generation failed")
+            self._error(APIError(500, f"generation failed: {type(exc).__name__}: {exc}"))
+            return
+        self._send_json(
+            200,
+            {
+                "id": completion_id,
+                "object": "chat.completion",
+                "created": created,
+                "model": self.app.model_id,
+                "system_fingerprint": None,
+                "choices": [
+                    {
+                        "index": 0,
+                        "message": {"role": "assistant", "content": "".join(text)},
+                        "logprobs": None,
+                        "finish_reason": last.get("finish_reason", "stop"),
+                    }
+                ],
+                "usage": last.get("usage"),
+                "agentmem": last.get("agentmem"),
+            },
+        )
+
+    def _stream(self, chunks: _Reply, completion_id: str, created: int, req: ChatCompletionRequest) -> None:
+        self.send_response(200)
+        self.send_header("Content-Type", "text/event-stream")
+        self.send_header("Cache-Control", "no-cache")
+        self.send_header("Transfer-Encoding", "chunked")
+        self.end_headers()
+        base = {"id": completion_id, "object": "chat.completion.chunk", "created": created, "model": self.app.model_id}
+        base["system_fingerprint"] = None
+
+        def choice(delta: dict, finish: str | None) -> dict:
+            return dict(base, choices=[{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}])
+
+        try:
+            self._event(choice({"role": "assistant", "content": ""}, None))
+            for c in chunks:
+                if "delta" in c:
+                    self._event(choice({"content": c["delta"]}, None))
+                    continue
+                self._event(dict(choice({}, c["finish_reason"]), agentmem=c["agentmem"]))
+                if req.stream_options is not None and req.stream_options.include_usage:
+                    self._event(dict(base, choices=[], usage=c["usage"]))
+            self._write(b"data: [DONE]\n\n")
+            self._write(b"")
+        except (BrokenPipeError, ConnectionResetError):
+            self.close_connection = True  # the client left: generation stops (the conversation keeps what it read)
+        except Exception as exc:
+            log.exception("generation failed")
+            try:
+                self._event(APIError(500, f"generation failed: {type(exc).__name__}: {exc}").body())
+                self._write(b"data: [DONE]\n\n")
+                self._write(b"")
+            except OSError:
+                pass
+            self.close_connection = True
+
+    def _event(self, obj: dict) -> None:
+        self._write(b"data: " + json.dumps(obj).encode() + b"\n\n")
+
+    def _write(self, data: bytes) -> None:
+        """One chunk of the chunked response (empty: the terminating chunk)."""
+        self.wfile.write(b"%X\r\n%s\r\n" % (len(data), data))
+        self.wfile.flush()
+
+
+class _Close(Exception):
+    def __init__(self, err: APIError):
+        super().__init__(err.message)
+        self.err = err
+
+
+def serve(
+    model: LoadedModel | str | None = None,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    **config,
+) -> None:
+    """Load the model and serve until interrupted (``agentmem serve``)."""
+    app = AgentMemServer(model, ServerConfig(**config))
+    if host not in ("127.0.0.1", "localhost", "::1"):
+        log.warning("agentmem serve: listening on %s; anyone who can reach it can use the model", host)
+    print(f"agentmem: serving {app.model_id} on http://{host}:{port}/v1 (Ctrl-C to stop)", flush=True)
+    app.serve_forever(host, port)

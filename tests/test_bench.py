@@ -1,0 +1,56 @@
+"""The quality benchmark: reproducible on a tiny model (fast) and a smoke run of --quick (slow)."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+from tqdm import tqdm
+
+from agentmem.bench import quality, retrieval
+from agentmem.bench.methods import HEADLINE
+
+
+def test_tool_output_and_probes_are_reproducible():
+    a, pairs = retrieval.tool_output(50, seed=3)
+    b, _ = retrieval.tool_output(50, seed=3)
+    assert a == b and len({k for k, _ in pairs}) == 50
+    asked = retrieval.probes(pairs, 5)
+    assert asked[0] == pairs[0] and asked[-1] == pairs[-1] and len(asked) == 5
+
+
+def test_quality_tasks_are_reproducible_on_a_tiny_model(tiny_llama):
+    _, loaded = tiny_llama
+    methods = list(HEADLINE)
+
+    def once():
+        with tqdm(disable=True) as bar:
+            rows, docs = quality.lm_task(loaded, ["argparse"], 160, 16, [0.5, 0.1], methods, bar)
+            ret = quality.retrieval_task(loaded, 120, 3, [0.5], methods, bar)
+        return rows, docs, ret
+
+    rows, docs, ret = once()
+    again, _, ret2 = once()
+    keys = ("method", "ratio", "kl", "cont_dnll", "copy_dnll", "entries_per_head")
+    assert [[r.get(k) for k in keys] for r in rows] == [[r.get(k) for k in keys] for r in again]
+    assert ret["rows"] == ret2["rows"]
+    assert docs[0]["path"].endswith("argparse.py")
+    measured = [r for r in rows if r["method"] != "full"]
+    assert len(measured) == len(methods) * 2
+    assert all(math.isfinite(r[k]) for r in measured for k in ("kl", "cont_dnll", "copy_dnll"))
+    for ratio in (0.5, 0.1):  # equal entries for every method
+        assert len({r["entries_per_head"] for r in measured if r["ratio"] == ratio}) == 1
+
+
+@pytest.mark.slow
+def test_quick_benchmark_produces_finite_numbers_and_a_plot(tmp_path):
+    assert quality.main(["--quick", "--out", str(tmp_path), "--online-tokens", "80"]) == 0
+    data = json.loads((tmp_path / "quality_quick.json").read_text())
+    assert (tmp_path / "quality_quick.png").stat().st_size > 10_000
+    assert "![quality vs ratio](quality_quick.png)" in (tmp_path / "quality_quick.md").read_text()
+    for method, by_ratio in data["summary"].items():
+        for cell in by_ratio.values():
+            assert all(math.isfinite(cell[k]) for k in ("kl", "cont_dnll", "copy_dnll")), method
+            assert 0.0 <= cell["retrieval"] <= 1.0
+    assert all(r["finite"] and r["within_budget"] for r in data["online"]["results"])
