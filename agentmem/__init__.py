@@ -1,22 +1,36 @@
 """agentmem: run a language model for as long as an agent needs inside a fixed KV-cache budget."""
 
-from .errors import AgentMemError, BudgetError, CompactionError, ModelNotFoundError, UnknownPolicyError
+from .cartridge import Cartridge
+from .errors import (
+    AgentMemError,
+    BudgetError,
+    CompactionError,
+    ModelMismatchError,
+    ModelNotFoundError,
+    SessionFileError,
+    UnknownPolicyError,
+)
 from .events import CompactionEvent, GenerationResult, SessionStats, StreamEvent
 from .positions import PositionConfig
 from .session import AgentSession, ScoreResult
+from .toolcalls import ToolReceipt
 
 __all__ = [
     "AgentMemError",
     "AgentSession",
     "BudgetError",
+    "Cartridge",
     "CompactionError",
     "CompactionEvent",
     "GenerationResult",
+    "ModelMismatchError",
     "ModelNotFoundError",
     "PositionConfig",
     "ScoreResult",
+    "SessionFileError",
     "SessionStats",
     "StreamEvent",
+    "ToolReceipt",
     "UnknownPolicyError",
 ]
 

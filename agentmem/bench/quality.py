@@ -173,6 +173,23 @@ def summarize(data: dict) -> dict[str, dict[float, dict]]:
     return out
 
 
+def peer_summary(peer: dict | None, data: dict) -> dict[str, dict[float, dict]]:
+    """kvpress rows (tools/kvpress_peer.py) as summary rows ``kvpress <press>``, when measured in
+    the same setting (model family, context, continuation, documents); else nothing."""
+    if not peer or (peer["context"], peer["continuation"]) != (data["context"], data["continuation"]):
+        return {}
+    if {d["name"] for d in peer["documents"]} != {d["name"] for d in data["documents"]}:
+        return {}
+    out: dict[str, dict[float, dict]] = {}
+    for press in peer["presses"]:
+        for ratio in data["ratios"]:
+            rows = [r for r in peer["rows"] if r["press"] == press and r["ratio"] == ratio]
+            if rows:
+                cell = {k: sum(r[k] for r in rows) / len(rows) for k in ("kl", "cont_dnll", "copy_dnll", "cost")}
+                out.setdefault(f"kvpress {press.removesuffix('Press')}", {})[ratio] = {**cell, "retrieval": None}
+    return out
+
+
 def run(args: argparse.Namespace) -> dict:
     torch.manual_seed(0)
     loaded = load_model(args.model)
@@ -220,9 +237,11 @@ def _table(summary: dict, ratios: list[float], key: str, spec: str, best=min) ->
     return lines + [""]
 
 
-def to_markdown(data: dict, command: str, plot: str | None) -> str:
+def to_markdown(data: dict, command: str, plot: str | None, peer: dict | None = None) -> str:
     ratios = data["ratios"]
     summary = {m: {float(r): v for r, v in by.items()} for m, by in data["summary"].items()}
+    peers = peer_summary(peer, data)
+    summary.update({m: {r: by.get(r, {}) for r in ratios} for m, by in peers.items()})
     docs = data["documents"]
     a, b = data["copy_span"]
     lines = [
@@ -293,6 +312,19 @@ def to_markdown(data: dict, command: str, plot: str | None) -> str:
             lines.append(f"| `{m}` | " + " | ".join(cells) + " |")
         lines.append("")
     lines += ["Methods: " + "; ".join(f"`{m}`: {d}" for m, d in data["methods"].items()) + ".", ""]
+    if peers:
+        lines += [
+            f"`kvpress *` rows: NVIDIA kvpress {peer['versions']['kvpress']} (transformers "
+            f"{peer['versions']['transformers']}, its own virtualenv) on the same model, documents and protocol, "
+            f"made by `{peer['command']}` ([kvpress.md](kvpress.md)); "
+            + "; ".join(f"`{k}`: {v}" for k, v in peer.get("applied", {}).items())
+            + ".",
+            "",
+        ]
+        for f in peer.get("failures", []):
+            lines += [f"- kvpress {f['press']} failed on {f.get('doc')} at {f.get('ratio')}: {f['reason']}"]
+    elif peer:
+        lines += ["kvpress.json exists but was measured in another setting; not shown.", ""]
     env = data["environment"]
     lines += [
         f"Environment: torch {env['torch']}, transformers {env['transformers']}, {env['device']}, "
@@ -316,11 +348,14 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--methods", nargs="+", default=list(HEADLINE), choices=list(METHODS))
     p.add_argument("--retrieval-model", default="gemma3-270m", help="model for the retrieval task")
     p.add_argument("--retrieval-tokens", type=int, default=2000, help="tool output length (0: skip the task)")
-    p.add_argument("--probes", type=int, default=16)
+    p.add_argument("--probes", type=int, default=12)
     p.add_argument("--online-policies", nargs="+", default=ONLINE_POLICIES)
-    p.add_argument("--online-tokens", type=int, default=2000, help="0: skip the online task")
+    p.add_argument("--online-tokens", type=int, default=1500, help="0: skip the online task")
     p.add_argument("--online-mb", type=float, default=8.0)
     p.add_argument("--quick", action="store_true", help="smoke run: 1 document, short context, 2 ratios, < 5 min")
+    p.add_argument(
+        "--render", action="store_true", help="re-write the markdown and plot from <out>/<name>.json (and kvpress.json)"
+    )
     p.add_argument("--out", type=Path, default=Path("docs/benchmarks"))
     p.add_argument("--name", default=None, help="report file stem (default: quality, or quality_quick)")
     args = p.parse_args(argv)
@@ -338,11 +373,20 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
-    data = run(args)
+    if args.render:
+        data = json.loads((args.out / f"{args.name}.json").read_text())
+        command = data["command"]
+    else:
+        data = run(args)
+        command = data["command"] = ("agentmem bench quality " + " ".join(argv)).strip()
+    peer_path = args.out / "kvpress.json"
+    peer = json.loads(peer_path.read_text()) if peer_path.is_file() else None
     summary = {m: {float(r): v for r, v in by.items()} for m, by in data["summary"].items()}
-    plot = quality_plot(summary, args.out / f"{args.name}.png", f"{data['model']}: compaction vs full cache")
-    command = ("agentmem bench quality " + " ".join(argv)).strip()
-    markdown = to_markdown(data, command, plot.name)
+    summary.update(peer_summary(peer, data))
+    labels = {"retrieval": f"key -> value exact match ({data['retrieval']['model']})"} if data.get("retrieval") else {}
+    title = f"{data['model']}: compaction vs the full cache, equal bytes per method"
+    plot = quality_plot(summary, args.out / f"{args.name}.png", title, labels=labels)
+    markdown = to_markdown(data, command, plot.name, peer)
     write_report(args.out, args.name, data, markdown)
     print(markdown)
     return 0
