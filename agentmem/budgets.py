@@ -281,6 +281,7 @@ def global_targets(
         if r.layer not in stacked:
             stacked[r.layer] = queries.for_kv_heads(r.layer, layer.num_heads, query_cap).to(layer.device)
         s = entry_scores(cache, r.layer, h, stacked[r.layer][h])
+        r.scores[h] = s
         idx = torch.cat([torch.arange(a, b, device=s.device) for a, b, _ in r.heads[h]] or [s.new_zeros(0).long()])
         scores.append(s[idx].cpu())
         owner.append(torch.full((idx.numel(),), i, dtype=torch.long))

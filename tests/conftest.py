@@ -81,6 +81,15 @@ def twin(model: torch.nn.Module) -> torch.nn.Module:
     return other
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models run fastest on one thread (and do not fight the machine's other work)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(params=["llama", "qwen3", "gemma3"])
 def arch(request):
     return request.param

@@ -8,7 +8,6 @@ import threading
 from urllib.parse import urlparse
 
 import pytest
-import torch
 
 from agentmem import AgentSession
 from agentmem.models import wrap_model
@@ -18,12 +17,7 @@ from tests.conftest import build_tiny
 openai = pytest.importorskip("openai")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -5,7 +5,6 @@ from __future__ import annotations
 import copy
 
 import pytest
-import torch
 
 from agentmem import AgentSession
 from agentmem.toolcalls import ToolReceipt, openai_encoding, openai_token_count, span_entries
@@ -13,13 +12,7 @@ from agentmem.toolcalls import ToolReceipt, openai_encoding, openai_token_count,
 LOG = "\n".join(f"2025-01-0{i % 9 + 1} worker-{i % 7} processed batch {i} in {i * 13 % 97} ms" for i in range(20))
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models run fastest on one thread (and do not fight the machine's other work)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _entries(session, start, end):

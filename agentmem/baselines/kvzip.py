@@ -31,7 +31,8 @@ class KVzip:
     ) -> list[list[Replacement]]:
         q, _ = head_queries(cache, request.layer, queries, self.query_cap)  # (H_kv, n, d)
 
-        def score(h, q_h, pos):
-            return entry_scores(cache, request.layer, h, q_h, reduce="max")  # (L_h,)
+        def score(h, q_h, pos):  # (L_h,); the global allocation already scored them with the same queries
+            cached = request.scores.get(h)
+            return cached if cached is not None else entry_scores(cache, request.layer, h, q_h, reduce="max")
 
         return evict(cache, request, q, None, score, lambda t, at_end: 0)

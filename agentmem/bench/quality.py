@@ -156,17 +156,17 @@ def online_task(loaded, policies: list[str], tokens: int, max_kv_mb: float, bar:
     return out
 
 
+def _means(rows: list[dict]) -> dict:
+    return {k: sum(r[k] for r in rows) / len(rows) for k in ("kl", "cont_dnll", "copy_dnll", "cost")}
+
+
 def summarize(data: dict) -> dict[str, dict[float, dict]]:
     """summary[method][ratio]: the mean over documents of kl / cont_dnll / copy_dnll / cost, and retrieval."""
     out: dict[str, dict[float, dict]] = {}
     for m in data["methods"]:
         for ratio in data["ratios"]:
             rows = [r for r in data["lm"] if r["method"] == m and r["ratio"] == ratio]
-            cell = (
-                {k: sum(r[k] for r in rows) / len(rows) for k in ("kl", "cont_dnll", "copy_dnll", "cost")}
-                if rows
-                else {}
-            )
+            cell = _means(rows) if rows else {}
             ret = [r for r in (data.get("retrieval") or {}).get("rows", []) if r["method"] == m and r["ratio"] == ratio]
             cell["retrieval"] = ret[0]["exact_match"] if ret else None
             out.setdefault(m, {})[ratio] = cell
@@ -185,7 +185,7 @@ def peer_summary(peer: dict | None, data: dict) -> dict[str, dict[float, dict]]:
         for ratio in data["ratios"]:
             rows = [r for r in peer["rows"] if r["press"] == press and r["ratio"] == ratio]
             if rows:
-                cell = {k: sum(r[k] for r in rows) / len(rows) for k in ("kl", "cont_dnll", "copy_dnll", "cost")}
+                cell = _means(rows)
                 out.setdefault(f"kvpress {press.removesuffix('Press')}", {})[ratio] = {**cell, "retrieval": None}
     return out
 

@@ -11,6 +11,8 @@ import math
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol
 
+import torch
+
 from ..layer_store import Block
 
 if TYPE_CHECKING:
@@ -40,6 +42,9 @@ class SpanRequest:
 
     layer: int
     heads: list[list[tuple[int, int, int]]]
+    # per KV head, budgets.entry_scores (max) of all its entries, kept when the global allocation
+    # computed them, so that a method ranking by the same scores (KVzip) need not compute them again
+    scores: dict[int, torch.Tensor] = field(default_factory=dict)
 
     @property
     def span_entries(self) -> int:
