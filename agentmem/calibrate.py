@@ -29,6 +29,7 @@ from pathlib import Path
 import torch
 
 from .budgets import HeadProfile, profiles_dir
+from .files import atomic_write
 from .models import LoadedModel, load_model
 from .policy import AMConfig
 from .session import AgentSession
@@ -259,12 +260,8 @@ def calibrate(
 
 def write_profile(profile: HeadProfile, path: Path | None = None) -> Path:
     """Write atomically (temp file + rename) to ``path`` (default: policies/profiles/<model>.json)."""
-    path = path or profiles_dir() / f"{profile.model}.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(profile.model_dump_json(indent=1) + "\n")
-    tmp.replace(path)
-    return path
+    text = profile.model_dump_json(indent=1) + "\n"
+    return atomic_write(path or profiles_dir() / f"{profile.model}.json", lambda tmp: Path(tmp).write_text(text))
 
 
 def main(argv: Sequence[str] | None = None) -> int:

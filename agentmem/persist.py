@@ -43,7 +43,6 @@ import hashlib
 import json
 import logging
 import os
-import tempfile
 from array import array
 from pathlib import Path
 from types import EllipsisType
@@ -55,6 +54,7 @@ from safetensors.torch import save_file
 
 from .errors import AgentMemError, ModelMismatchError, ModelNotFoundError, SessionFileError
 from .events import CompactionEvent
+from .files import atomic_write
 from .models import _EMBEDDED_HINTS, LoadedModel
 from .positions import PositionConfig
 
@@ -158,26 +158,7 @@ def write_file(path: str | os.PathLike, kind: str, tensors: dict[str, torch.Tens
         "agentmem.meta_sha256": hashlib.sha256(text.encode()).hexdigest(),
         "agentmem.data_sha256": _data_digest(tensors),
     }
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        _write_tensors(tmp, tensors, header)
-        with open(tmp, "rb+") as fh:
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    try:  # make the rename itself durable (best effort: not every platform can open a directory)
-        dir_fd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
-    except OSError:
-        pass
-    return path
+    return atomic_write(path, lambda tmp: _write_tensors(tmp, tensors, header))
 
 
 def _write_tensors(path: str, tensors: dict[str, torch.Tensor], header: dict[str, str]) -> None:
