@@ -225,8 +225,8 @@ class Engine:
                 result = self.loaded.model(
                     input_ids=input_ids,
                     position_ids=position_ids,
-                    past_key_values=cache,
                     use_cache=True,
+                    **{self.loaded.cache_keyword: cache},
                     agentmem_cache=cache,
                     logits_to_keep=0 if keep == "all" else 1,
                 )

