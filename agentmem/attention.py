@@ -24,6 +24,7 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
+from .cache import BatchedCaches
 from .errors import UnsupportedModelError
 
 NAME = "agentmem"
@@ -73,9 +74,19 @@ def agentmem_attention_forward(
     dropout: float = 0.0,
     **kwargs,
 ) -> tuple[torch.Tensor, None]:
-    """query (1, H_q, n, d); key/value (1, H_kv, L, d) as returned by the cache -> (1, n, H_q, d_v)."""
+    """query (1, H_q, n, d); key/value (1, H_kv, L, d) as returned by the cache -> (1, n, H_q, d_v).
+
+    With a :class:`~agentmem.cache.BatchedCaches` (query (B, H_q, 1, d)), row b attends over
+    ``caches[b]`` alone, exactly as that session's own forward would -> (B, 1, H_q, d_v).
+    """
     cache = kwargs.pop("agentmem_cache", None)
     softcap = kwargs.get("softcap")
+    if isinstance(cache, BatchedCaches):
+        rows = [
+            _attend(module, query[b : b + 1], *cache.returned[b], c, scaling, softcap)
+            for b, c in enumerate(cache.caches)
+        ]
+        return torch.cat(rows, dim=0), None
     if cache is None:
         if softcap is not None:
             from transformers.models.gemma2.modeling_gemma2 import eager_attention_forward
@@ -86,6 +97,11 @@ def agentmem_attention_forward(
         return sdpa_attention_forward(
             module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
         )
+    return _attend(module, query, key, value, cache, scaling, softcap), None
+
+
+def _attend(module, query, key, value, cache, scaling: float | None, softcap: float | None) -> torch.Tensor:
+    """One sequence's attention over its :class:`~agentmem.cache.CompactedCache` -> (1, n, H_q, d_v)."""
     if not getattr(module, "is_causal", True):
         raise UnsupportedModelError("bidirectional attention layers are not supported by agentmem")
     layer = cache.layers[module.layer_idx]
@@ -96,20 +112,20 @@ def agentmem_attention_forward(
     _, hq, n, d = query.shape
     scale = scaling if scaling is not None else d**-0.5
     if not layer.uniform:
-        return _per_head_attention(layer, cache, query, scale, softcap), None
+        return _per_head_attention(layer, cache, query, scale, softcap)
     hkv, length = key.shape[1], key.shape[2]
     rep = hq // hkv
     bias = _layer_bias(layer, cache, n, length)
 
     if softcap is None and bias is None:  # plain decode step: same call as transformers' SDPA path
         out = F.scaled_dot_product_attention(query, key, value, scale=scale, enable_gqa=rep > 1)
-        return out.transpose(1, 2).contiguous(), None
+        return out.transpose(1, 2).contiguous()
     if softcap is None and bias is not None and bias.dtype == torch.bool:  # causal block, no bias: one shared mask
         if length == n:
             out = F.scaled_dot_product_attention(query, key, value, scale=scale, is_causal=True, enable_gqa=rep > 1)
         else:
             out = F.scaled_dot_product_attention(query, key, value, attn_mask=bias, scale=scale, enable_gqa=rep > 1)
-        return out.transpose(1, 2).contiguous(), None
+        return out.transpose(1, 2).contiguous()
 
     # stack the rep query heads of each KV head along the query axis
     q = query.reshape(1, hkv, rep * n, d)  # hq = h * rep + r, so this groups (r, i) under h
@@ -127,7 +143,7 @@ def agentmem_attention_forward(
             scores = scores.masked_fill(~bias, float("-inf")) if bias.dtype == torch.bool else scores + bias.float()
         out = torch.matmul(torch.softmax(scores, dim=-1).to(value.dtype), value)
     out = out.reshape(1, hq, n, value.shape[-1])
-    return out.transpose(1, 2).contiguous(), None
+    return out.transpose(1, 2).contiguous()
 
 
 def _head_bias(layer, cache, h: int, n: int, length: int) -> torch.Tensor | None:

@@ -100,19 +100,17 @@ class CompactedCache(Cache):
         """
         if all(a + n <= c for layer in self.layers for a, c in zip(layer.lengths, layer._caps)):
             return [layer.caps for layer in self.layers]
-        for geometric in (True, False):
+        # geometric growth, else to the next multiple of _ALIGN, else exact: near the budget a layer
+        # is re-allocated every _ALIGN tokens rather than on every token
+        growth = (
+            lambda m, c: _round_up(max(m, int(c * _GROWTH), _ALIGN)),
+            lambda m, c: _round_up(m),
+            lambda m, c: m,
+        )
+        for grow in growth:
             plan = []
             for layer in self.layers:
-                caps = []
-                for a, c in zip(layer.lengths, layer._caps):
-                    m = a + n
-                    if c >= m:
-                        caps.append(c)
-                    elif geometric:
-                        caps.append(_round_up(max(m, int(c * _GROWTH), _ALIGN)))
-                    else:
-                        caps.append(m)
-                plan.append(caps)
+                plan.append([c if c >= a + n else grow(a + n, c) for a, c in zip(layer.lengths, layer._caps)])
             if self._plan_peak(plan) <= (self.max_bytes if self.max_bytes is not None else math.inf):
                 return plan
         return None
@@ -171,10 +169,13 @@ class CompactedCache(Cache):
                 hi = mid
         return lo
 
-    def shrink_to_fit(self, spare: int = 0) -> None:
+    def shrink_to_fit(self, spare: int = 0, uneven_only: bool = False) -> None:
         """Release capacity beyond each head's length + ``spare`` (rounded up), when the budget
-        allows the transient copy of the layer. Heads of one layer may end with different capacities."""
+        allows the transient copy of the layer. Heads of one layer may end with different capacities.
+        ``uneven_only``: leave layers whose heads hold equal lengths alone (they refill their own slots)."""
         for layer in self.layers:
+            if uneven_only and layer.even:
+                continue
             caps = [min(c, _round_up(a + spare)) for a, c in zip(layer.lengths, layer._caps)]
             if sum(caps) < sum(layer._caps):
                 extra = sum(caps) * layer.head_slot_bytes()
@@ -434,3 +435,42 @@ class CompactedCache(Cache):
                 for layer in self.layers
             ],
         }
+
+
+class BatchedCaches(Cache):
+    """Several sessions' :class:`CompactedCache` s read as one batch: row b of a model call is
+    ``caches[b]``'s sequence (one new token each, a decode step of several sessions at once).
+
+    ``update`` hands row b's keys and values to ``caches[b]``; agentmem attention then attends
+    each row over its own cache (:func:`agentmem.attention.agentmem_attention_forward`), so every
+    session computes exactly what it computes alone, while the model's matrix products run once
+    for the whole batch. Each cache must have had ``begin_forward(1)`` called.
+    """
+
+    def __init__(self, caches: Sequence[CompactedCache]):
+        if not caches:
+            raise ValueError("BatchedCaches needs at least one cache")
+        super().__init__(layers=caches[0].layers)  # for transformers' per-layer queries (is_sliding ...)
+        self.caches = list(caches)
+        self.returned: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * len(self.caches)
+
+    def update(self, key_states, value_states, layer_idx: int, *args, **kwargs):
+        """key_states / value_states (B, H_kv, 1, d): row b goes to caches[b]; returns them unchanged."""
+        if key_states.shape[0] != len(self.caches):
+            raise ValueError(f"batch of {key_states.shape[0]} rows for {len(self.caches)} caches")
+        for b, cache in enumerate(self.caches):
+            self.returned[b] = cache.update(key_states[b : b + 1], value_states[b : b + 1], layer_idx)
+        return key_states, value_states
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return self.caches[0].get_seq_length(layer_idx)
+
+    def get_mask_sizes(self, query_length: int, layer_idx: int = 0) -> tuple[int, int]:
+        return query_length, 0  # agentmem attention builds each row's mask from its own cache
+
+    def get_max_length(self, layer_idx: int | None = None) -> int:
+        return -1
+
+    @property
+    def is_compileable(self) -> bool:
+        return False

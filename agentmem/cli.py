@@ -72,6 +72,46 @@ def cmd_run(args) -> int:
     return 0
 
 
+DEMO_PROBLEM = (
+    "Sara buys 4 notebooks at 3 dollars each and 2 pens at 5 dollars each. She pays with a 50 dollar bill. "
+    "How much change does she get?"
+)
+
+
+def cmd_demo(args) -> int:
+    """The main job on the capable model: a word problem reasoned out step by step under a budget the
+    run outgrows several times, then the answer and memory used against an unbounded run."""
+    from .bench.problems import INSTRUCTION, extract_answer
+    from .session import AgentSession
+
+    session = AgentSession(model=args.model, max_kv_mb=args.max_kv_mb, policy=args.policy, device=args.device)
+    holds = session.cache.max_tokens()
+    print(
+        f"[agentmem] {session.spec.name}, policy {session.policy.name}, max_kv_mb={args.max_kv_mb:g} "
+        f"(holds {holds} tokens of KV); problem:\n{args.problem}\n",
+        file=sys.stderr,
+    )
+    result = None
+    for ev in session.chat_stream(args.problem + INSTRUCTION, max_new_tokens=args.max_new_tokens):
+        if ev.kind == "token":
+            sys.stdout.write(ev.text)
+            sys.stdout.flush()
+        elif ev.kind == "compaction":
+            print(f"\n{ev.compaction.receipt()}", file=sys.stderr, flush=True)
+        elif ev.kind == "done":
+            result = ev.result
+    st = session.stats
+    full = st.logical_tokens * session.cache.bytes_per_token()
+    print(
+        f"\n\n[agentmem] answer: {extract_answer(result.text)}; {st.logical_tokens} tokens read and written, "
+        f"{len(st.compactions)} compactions; KV memory peak {st.peak_kv_bytes / 2**20:.2f} MiB within "
+        f"{st.max_kv_bytes / 2**20:.2f} MiB, where an unbounded cache would hold {full / 2**20:.2f} MiB "
+        f"({full / max(1, st.peak_kv_bytes):.1f}x); {result.stats.decode_tps:.1f} tok/s",
+        file=sys.stderr,
+    )
+    return 0
+
+
 def cmd_chat(args) -> int:
     session = _session(args)
     print("agentmem chat: one message per line, Ctrl-D to quit", file=sys.stderr)
@@ -129,6 +169,15 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--ignore-eos", action="store_true", help="with --raw: keep going past end-of-sequence")
     run.set_defaults(func=cmd_run)
 
+    demo = sub.add_parser("demo", help="the main job: a problem reasoned out under a budget it outgrows (make run)")
+    demo.add_argument("--model", default="qwen2.5-coder-0.5b")
+    demo.add_argument("--max-kv-mb", type=float, default=4.0)
+    demo.add_argument("--policy", default=None)
+    demo.add_argument("--device", default=None)
+    demo.add_argument("--max-new-tokens", type=int, default=500)
+    demo.add_argument("--problem", default=DEMO_PROBLEM)
+    demo.set_defaults(func=cmd_demo)
+
     chat = sub.add_parser("chat", help="interactive chat on stdin under a KV budget")
     _add_session_args(chat)
     chat.add_argument("--max-new-tokens", type=int, default=512)
@@ -136,7 +185,7 @@ def build_parser() -> argparse.ArgumentParser:
     chat.set_defaults(func=cmd_chat)
 
     bench = sub.add_parser("bench", help="benchmarks; their own options follow the name (see --help of each)")
-    bench.add_argument("what", choices=["quality", "speed", "online", "positions"])
+    bench.add_argument("what", choices=["quality", "reasoning", "speed", "online", "positions"])
     bench.add_argument("rest", nargs=argparse.REMAINDER)
     bench.set_defaults(func=cmd_bench)
 

@@ -16,7 +16,7 @@ from contextlib import contextmanager
 import torch
 
 from . import budgets, reference
-from .cache import CompactedCache
+from .cache import BatchedCaches, CompactedCache
 from .compaction.base import CompactionPlan
 from .compaction.driver import execute_plan
 from .compaction.queries import QueryBuffer, QuerySet
@@ -112,8 +112,8 @@ class Engine:
             plan = self.policy.plan_for_budget(cache, n, self.pinned)
             event = self.execute(cache, plan, self.policy.method)
             # release what the compaction freed: with uneven heads, a head that kept all its entries
-            # can only grow into memory given back by the others
-            cache.shrink_to_fit(spare=n)
+            # can only grow into memory given back by the others (even heads refill their own slots)
+            cache.shrink_to_fit(spare=n, uneven_only=True)
             if record is not None:
                 record.append(event)
             if event.payload_bytes_after >= event.payload_bytes_before:
@@ -264,6 +264,11 @@ class Engine:
             return torch.cat(out, dim=0) if out else None
         return last
 
+    def make_room_and_begin(self, cache: CompactedCache, n: int, record: list[CompactionEvent] | None):
+        """What :meth:`forward_chunk` does before its model call, for a caller that batches calls."""
+        self.make_room(cache, n, record)
+        return cache.snapshot_lengths(), cache.begin_forward(n)
+
     @contextmanager
     def scratch(self, cache: CompactedCache, observer=None):
         """Run forwards on ``cache`` that leave no trace: lengths, logical length and the query buffer
@@ -281,3 +286,77 @@ class Engine:
 
 def _ignore_queries(layer: int, query: torch.Tensor) -> None:
     return None
+
+
+def forward_batch(
+    engines: Sequence[Engine],
+    chunks: Sequence[Sequence[int]],
+    records: Sequence[list[CompactionEvent] | None],
+    keep: str = "last",
+) -> list[torch.Tensor | None]:
+    """One model call for several engines sharing one model: engine b reads ``chunks[b]`` (all of
+    one length n). Room is made in each engine first (trims, positions, compaction: what
+    :meth:`Engine.run` does before a chunk), then one forward runs the batch, each row attending
+    over its own cache (:class:`~agentmem.cache.BatchedCaches`). Returns each engine's logits per
+    ``keep`` ("none", "last" (V,) or "all" (n, V), fp32). A failed call leaves every cache as it was
+    before the model call (compactions made to make room stay, as in :meth:`Engine.run`).
+    """
+    if not engines:
+        return []
+    loaded = engines[0].loaded
+    if any(e.loaded.model is not loaded.model for e in engines):
+        raise ValueError("a batched step needs sessions of one model (the same loaded weights)")
+    if len({id(e.cache) for e in engines}) != len(engines):
+        raise ValueError("a session can appear only once in a batch")
+    n = len(chunks[0])
+    if n == 0 or any(len(c) != n for c in chunks):
+        raise ValueError("every row of a batched call reads the same number of tokens (at least one)")
+    caches = [e.cache for e in engines]
+    begun = []
+    try:
+        for engine, cache, record in zip(engines, caches, records):
+            begun.append(engine.make_room_and_begin(cache, n, record))
+        position_ids = torch.cat([pos for _, pos in begun], dim=0)  # (B, n)
+        input_ids = torch.tensor([list(c) for c in chunks], dtype=torch.long, device=loaded.device)
+        batch = BatchedCaches(caches)
+        with torch.inference_mode():
+            result = loaded.model(
+                input_ids=input_ids,
+                position_ids=position_ids,
+                use_cache=True,
+                agentmem_cache=batch,
+                logits_to_keep=0 if keep == "all" else 1,
+                **{loaded.cache_keyword: batch},
+            )
+    except BaseException:
+        for cache, (snapshot, _) in zip(caches, begun):
+            cache.rollback(snapshot)
+        raise
+    for cache in caches:
+        cache.commit_forward(n)
+    if keep == "none":
+        return [None] * len(engines)
+    logits = result.logits.float()
+    return list(logits.unbind(0)) if keep == "all" else list(logits[:, -1].unbind(0))
+
+
+def run_batch(
+    engines: Sequence[Engine], ids: Sequence[Sequence[int]], records: Sequence[list[CompactionEvent] | None]
+) -> list[torch.Tensor | None]:
+    """:meth:`Engine.run` (keep="last") of several engines in lockstep: the same chunks, batched.
+
+    Every engine must read as many tokens and use the same ``chunk_tokens`` (so each chunk is what
+    it would be alone). Returns each engine's next-token logits (V,), or None if it read nothing.
+    """
+    if not engines:
+        return []
+    total, step = len(ids[0]), engines[0].chunk_tokens
+    if any(len(x) != total for x in ids) or any(e.chunk_tokens != step for e in engines):
+        raise ValueError("run_batch needs rows of one length and one chunk size; group them first")
+    last: list[torch.Tensor | None] = [None] * len(engines)
+    for start in range(0, total, step):
+        final = start + step >= total
+        out = forward_batch(engines, [x[start : start + step] for x in ids], records, "last" if final else "none")
+        if final:
+            last = out
+    return last

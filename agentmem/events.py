@@ -54,6 +54,7 @@ class SessionStats:
     position_offset: int  # total re-basing shift: next RoPE position = logical_tokens - position_offset
     compactions: list[CompactionEvent] = field(default_factory=list)
     head_budgets: str = "uniform"  # how compactions share entries between KV heads (and the profile used)
+    query_buffer_bytes: int = 0  # reference queries kept for online compaction: memory outside max_kv_bytes
 
     def as_dict(self) -> dict:
         return asdict(self)

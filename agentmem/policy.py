@@ -65,6 +65,9 @@ class SpanConfig(BaseModel):
     recent: int = Field(
         default=64, ge=0, description="exact recent window (tokens), never compacted online; at most 1/4 of the budget"
     )
+    recent_share: float = Field(
+        default=0.25, gt=0.0, le=0.75, description="the recent window takes at most this share of the budget"
+    )
     ratio: float = Field(default=0.5, gt=0.0, lt=1.0)
     queries: _Queries = Field(default="recent", description="reference queries for online (budget) compaction")
     offline_queries: _Queries = Field(
@@ -103,6 +106,12 @@ class AMConfig(SpanConfig):
     compacted span includes its beta."""
 
     name: Literal["am-halve"] = "am-halve"
+    query_buffer: int = Field(
+        default=256,
+        ge=1,
+        description="recent queries kept for online fits: 256 fit reasoning traces with 0.56x the KL of 128 "
+        "(docs/benchmarks/reasoning.md), same KL on long text",
+    )
     on_policy_groups: int = Field(
         default=1, ge=1, description="offline: recompute the queries this many times, layer group by group (1 = off)"
     )
@@ -362,8 +371,8 @@ class SpanPolicy(Policy):
     def plan_for_budget(self, cache: CompactedCache, incoming: int, pinned: list[TokenRange]) -> CompactionPlan:
         plan = CompactionPlan(reason="budget", queries=self.config.queries)
         protected = self.protected(pinned)
-        # the exact recent window never takes more than a quarter of what the budget holds
-        recent = max(_MIN_RECENT, min(self.config.recent, cache.max_tokens() // 4))
+        # the exact recent window never takes more than recent_share of what the budget holds
+        recent = max(_MIN_RECENT, min(self.config.recent, int(cache.max_tokens() * self.config.recent_share)))
         ratio = self.config.ratio
         for idx, layer in enumerate(cache.layers):
             runs = compactable_runs(layer, protected, recent)

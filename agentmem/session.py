@@ -18,12 +18,13 @@ import logging
 import threading
 import time
 from collections.abc import Iterator, Sequence
+from contextlib import ExitStack
 from typing import TYPE_CHECKING
 
 import torch
 
 from .cache import CompactedCache
-from .engine import Engine
+from .engine import Engine, forward_batch, run_batch
 from .errors import AgentMemError, BudgetError
 from .events import CompactionEvent, GenerationResult, GenerationStats, SessionStats, StreamEvent
 from .models import LoadedModel, load_model, wrap_model
@@ -158,6 +159,7 @@ class AgentSession:
             position_offset=c.position_offset,
             compactions=list(self.compactions),
             head_budgets=self.policy.budgets_description,
+            query_buffer_bytes=c.query_buffer.nbytes if c.query_buffer is not None else 0,
         )
 
     def transcript(self) -> str:
@@ -306,86 +308,17 @@ class AgentSession:
         return int(torch.multinomial(probs, 1, generator=self._generator).item())
 
     def _stream_ids(self, ids, max_new_tokens, temperature, top_p, stop, ignore_eos=False) -> Iterator[StreamEvent]:
-        stops = [stop] if isinstance(stop, str) else list(stop or [])
         with self._lock:
-            first_event = len(self.compactions)
-            seen = first_event
-            t0 = time.perf_counter()
-            if max_new_tokens > 0:  # read the prompt and predict in one pass
-                todo, self._pending, self._started = self._pending + ids, [], True
-                self.transcript_ids.extend(ids)
-                logits = self.engine.run(self.cache, todo, "last", self.compactions)
-            else:
-                self._read(ids, self.compactions)
-            prefill = time.perf_counter() - t0
-            detok = IncrementalDetokenizer(self.tokenizer)
-            generated: list[int] = []
-            text = ""
-            finish = "length"
-            t1 = time.perf_counter()
-            for i in range(max_new_tokens + 1):
-                for ev in self.compactions[seen:]:
-                    yield StreamEvent(kind="compaction", compaction=ev, kv_bytes=self.cache.kv_bytes)
-                seen = len(self.compactions)
-                if i == max_new_tokens:
-                    tail = detok.flush()
-                    text += tail
-                    if tail:
-                        yield self._token_event(tail, None, len(generated), t1)
+            d = _Decoding(self, ids, max_new_tokens, temperature, top_p, stop, ignore_eos)
+            logits = d.prefill()
+            while True:
+                yield from d.compaction_events()
+                if d.finished:
                     break
-                if i > 0:
+                if d.steps > 0:
                     logits = self._step_pending(self.compactions)
-                token = self._sample(logits, temperature, top_p)
-                generated.append(token)
-                self._pending = [token]
-                self.transcript_ids.append(token)
-                if token in self.spec.eos_token_ids and not ignore_eos:
-                    finish = "eos"
-                    break
-                delta = detok.push(token)
-                if not delta:
-                    continue
-                candidate = text + delta
-                cut = find_stop(candidate, len(text), stops) if stops else None
-                if cut is not None:
-                    delta, candidate, finish = candidate[len(text) : cut], candidate[:cut], "stop"
-                text = candidate
-                if delta:
-                    yield self._token_event(delta, token, len(generated), t1)
-                if finish == "stop":
-                    break
-            result = GenerationResult(
-                text=text,
-                token_ids=generated,
-                finish_reason=finish,
-                stats=GenerationStats(
-                    prompt_tokens=len(ids),
-                    generated_tokens=len(generated),
-                    prefill_seconds=prefill,
-                    decode_seconds=time.perf_counter() - t1,
-                    compactions=self.compactions[first_event:],
-                    kv_bytes=self.cache.kv_bytes,
-                    peak_kv_bytes=self.cache.peak_bytes,
-                ),
-            )
-            yield StreamEvent(
-                kind="done",
-                result=result,
-                generated_tokens=len(generated),
-                kv_bytes=self.cache.kv_bytes,
-                tokens_per_s=result.stats.decode_tps,
-            )
-
-    def _token_event(self, text: str, token: int | None, count: int, t_start: float) -> StreamEvent:
-        elapsed = time.perf_counter() - t_start
-        return StreamEvent(
-            kind="token",
-            text=text,
-            token_id=token,
-            generated_tokens=count,
-            tokens_per_s=count / elapsed if elapsed > 0 else 0.0,
-            kv_bytes=self.cache.kv_bytes,
-        )
+                yield from d.accept(logits)
+            yield d.done()
 
     @staticmethod
     def _collect(events: Iterator[StreamEvent]) -> GenerationResult:
@@ -438,10 +371,12 @@ class AgentSession:
             if ev.kind == "done":
                 result = ev.result
             yield ev
-        reply = result.text
-        self.messages.append({"role": "assistant", "content": reply})
-        generated = self.tokenizer.decode(result.token_ids, skip_special_tokens=False)
-        self._chat_text += generated
+        self._record_reply(result)
+
+    def _record_reply(self, result: GenerationResult) -> None:
+        """The assistant's reply joins the chat history (and the rendered text read so far)."""
+        self.messages.append({"role": "assistant", "content": result.text})
+        self._chat_text += self.tokenizer.decode(result.token_ids, skip_special_tokens=False)
 
     # ------------------------------------------------------------------ public: scoring
     def score(
@@ -547,6 +482,99 @@ class AgentSession:
         return self
 
 
+def generate_batch(
+    sessions: Sequence[AgentSession],
+    prompts: Sequence[str | list[dict] | None],
+    max_new_tokens: int = 256,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    stop: str | Sequence[str] | None = None,
+    ignore_eos: bool = False,
+) -> list[GenerationResult]:
+    """Generate for several sessions of one model at once: one model call per step for all of them.
+
+    ``prompts[b]`` is session b's raw-text prompt (as :meth:`AgentSession.generate`), None to
+    continue from its memory, or a list of chat messages (as :meth:`AgentSession.chat`). Each
+    session reads its prompt on its own, then the sessions decode in lockstep; a session that
+    finishes (eos, stop string, length) leaves the batch. Budgets, compactions, sampling and stop
+    handling are each session's own, exactly as in its one-by-one ``generate`` / ``chat``; only
+    the matrix products are shared (so logits can differ from a one-by-one run by float rounding).
+    """
+    if len(sessions) != len(prompts):
+        raise ValueError(f"{len(sessions)} sessions but {len(prompts)} prompts")
+    if len({id(s) for s in sessions}) != len(sessions):
+        raise ValueError("a session can appear only once in a batch")
+    _check_generation_args(max_new_tokens, temperature, top_p)
+    with ExitStack() as locks:
+        for session in sessions:
+            locks.enter_context(session._lock)
+        chats = [isinstance(p, list) for p in prompts]
+        if any(chat and not p for chat, p in zip(chats, prompts)):
+            raise ValueError("a chat prompt (a list of messages) is empty")
+        ids = [
+            s._chat_ids(list(p), add_generation_prompt=True) if chat else s._prompt_ids(p)
+            for s, p, chat in zip(sessions, prompts, chats)
+        ]
+        decodings = [
+            _Decoding(s, i, max_new_tokens, temperature, top_p, stop, ignore_eos) for s, i in zip(sessions, ids)
+        ]
+        logits = _prefill_batch(decodings)
+        active = list(range(len(sessions)))
+        while True:
+            for b in active:
+                decodings[b].compaction_events()
+            active = [b for b in active if not decodings[b].finished]
+            if not active:
+                break
+            stepping = [b for b in active if decodings[b].steps > 0]
+            if stepping:
+                step = forward_batch(
+                    [sessions[b].engine for b in stepping],
+                    [sessions[b]._pending for b in stepping],
+                    [sessions[b].compactions for b in stepping],
+                )
+                for b, lg in zip(stepping, step):
+                    sessions[b]._pending = []
+                    logits[b] = lg
+            for b in active:
+                decodings[b].accept(logits[b])
+        results = [d.result() for d in decodings]
+        for s, chat, r in zip(sessions, chats, results):
+            if chat:
+                s._record_reply(r)
+        return results
+
+
+def _prefill_batch(decodings: list[_Decoding]) -> list[torch.Tensor | None]:
+    """Each decoding's :meth:`_Decoding.prefill`, batched where rows read alike: sessions that read
+    as many tokens in chunks of one size run their chunks in one model call."""
+    logits: list[torch.Tensor | None] = [None] * len(decodings)
+    groups: dict[tuple[int, int], list[int]] = {}
+    for b, d in enumerate(decodings):
+        s = d.session
+        n = len(s._pending) + len(d.ids)
+        if d.max_new_tokens > 0 and n > 0:
+            groups.setdefault((n, s.engine.chunk_tokens), []).append(b)
+        else:
+            logits[b] = d.prefill()
+    for rows in groups.values():
+        if len(rows) == 1:
+            logits[rows[0]] = decodings[rows[0]].prefill()
+            continue
+        todo = []
+        for b in rows:
+            d, s = decodings[b], decodings[b].session
+            todo.append(s._pending + d.ids)
+            s._pending, s._started = [], True
+            s.transcript_ids.extend(d.ids)
+        sessions = [decodings[b].session for b in rows]
+        out = run_batch([s.engine for s in sessions], todo, [s.compactions for s in sessions])
+        for b, lg in zip(rows, out):
+            logits[b] = lg
+            decodings[b].prefilled()
+    return logits
+
+
 _METHOD_POLICIES = {"am": "am-halve", "window": "streaming"}  # compact(method=...) by method name
 
 
@@ -557,6 +585,125 @@ def _check_generation_args(max_new_tokens, temperature, top_p) -> None:
         raise ValueError(f"temperature must be >= 0 (got {temperature})")
     if not 0 < top_p <= 1:
         raise ValueError(f"top_p must be in (0, 1] (got {top_p})")
+
+
+class _Decoding:
+    """The state of one generation: prompt read, tokens sampled, text and stop strings, events.
+
+    The session's own loop (:meth:`AgentSession._stream_ids`) and the batched one
+    (:func:`generate_batch`) drive it the same way, so a session decodes identically in both:
+    ``prefill()`` once, then per step the next-token logits go to ``accept()`` (which samples,
+    makes the token pending and says whether generation is over), ``done()`` at the end.
+    """
+
+    def __init__(self, session: AgentSession, ids, max_new_tokens, temperature, top_p, stop, ignore_eos):
+        self.session = session
+        self.ids = list(ids)
+        self.max_new_tokens = max_new_tokens
+        self.temperature, self.top_p = temperature, top_p
+        self.stops = [stop] if isinstance(stop, str) else list(stop or [])
+        self.ignore_eos = ignore_eos
+        self.first_event = self.seen = len(session.compactions)
+        self.detok = IncrementalDetokenizer(session.tokenizer)
+        self.generated: list[int] = []
+        self.text = ""
+        self.finish = "length"
+        self.finished = max_new_tokens == 0
+        self.steps = 0  # tokens sampled so far
+        self.t0 = self.t1 = time.perf_counter()
+        self.prefill_seconds = 0.0
+
+    def prefill(self) -> torch.Tensor | None:
+        """Read the prompt; with tokens to generate, return the logits of what comes next."""
+        s = self.session
+        logits = None
+        if self.max_new_tokens > 0:  # read the prompt and predict in one pass
+            todo, s._pending, s._started = s._pending + self.ids, [], True
+            s.transcript_ids.extend(self.ids)
+            logits = s.engine.run(s.cache, todo, "last", s.compactions)
+        else:
+            s._read(self.ids, s.compactions)
+        self.prefilled()
+        return logits
+
+    def prefilled(self) -> None:
+        """The prompt has been read (here or batched with other sessions): decoding starts now."""
+        self.prefill_seconds = time.perf_counter() - self.t0
+        self.t1 = time.perf_counter()
+
+    def compaction_events(self) -> list[StreamEvent]:
+        s = self.session
+        kv = s.cache.kv_bytes
+        events = [StreamEvent(kind="compaction", compaction=ev, kv_bytes=kv) for ev in s.compactions[self.seen :]]
+        self.seen = len(s.compactions)
+        if not self.finished and self.steps == self.max_new_tokens:  # the length limit: flush held-back text
+            self.finished = True
+            tail = self.detok.flush()
+            if tail:
+                self.text += tail
+                events.append(self._token_event(tail, None))
+        return events
+
+    def accept(self, logits: torch.Tensor) -> list[StreamEvent]:
+        """Sample the next token from ``logits`` (V,), make it pending; the token's text events."""
+        s = self.session
+        token = s._sample(logits, self.temperature, self.top_p)
+        self.steps += 1
+        self.generated.append(token)
+        s._pending = [token]
+        s.transcript_ids.append(token)
+        if token in s.spec.eos_token_ids and not self.ignore_eos:
+            self.finish, self.finished = "eos", True
+            return []
+        delta = self.detok.push(token)
+        if not delta:
+            return []
+        candidate = self.text + delta
+        cut = find_stop(candidate, len(self.text), self.stops) if self.stops else None
+        if cut is not None:
+            delta, candidate = candidate[len(self.text) : cut], candidate[:cut]
+            self.finish, self.finished = "stop", True
+        self.text = candidate
+        return [self._token_event(delta, token)] if delta else []
+
+    def _token_event(self, text: str, token: int | None) -> StreamEvent:
+        elapsed = time.perf_counter() - self.t1
+        count = len(self.generated)
+        return StreamEvent(
+            kind="token",
+            text=text,
+            token_id=token,
+            generated_tokens=count,
+            tokens_per_s=count / elapsed if elapsed > 0 else 0.0,
+            kv_bytes=self.session.cache.kv_bytes,
+        )
+
+    def result(self) -> GenerationResult:
+        s = self.session
+        return GenerationResult(
+            text=self.text,
+            token_ids=self.generated,
+            finish_reason=self.finish,
+            stats=GenerationStats(
+                prompt_tokens=len(self.ids),
+                generated_tokens=len(self.generated),
+                prefill_seconds=self.prefill_seconds,
+                decode_seconds=time.perf_counter() - self.t1,
+                compactions=s.compactions[self.first_event :],
+                kv_bytes=s.cache.kv_bytes,
+                peak_kv_bytes=s.cache.peak_bytes,
+            ),
+        )
+
+    def done(self) -> StreamEvent:
+        result = self.result()
+        return StreamEvent(
+            kind="done",
+            result=result,
+            generated_tokens=len(self.generated),
+            kv_bytes=self.session.cache.kv_bytes,
+            tokens_per_s=result.stats.decode_tps,
+        )
 
 
 class ScoreResult:

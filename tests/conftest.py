@@ -13,6 +13,8 @@ from transformers import (
     Gemma3TextConfig,
     LlamaConfig,
     LlamaForCausalLM,
+    Qwen2Config,
+    Qwen2ForCausalLM,
     Qwen3Config,
     Qwen3ForCausalLM,
 )
@@ -46,6 +48,10 @@ def _config(arch: str, vocab: int, **over):
         common.update(num_hidden_layers=3, head_dim=16)
         common.update(over)
         return LlamaForCausalLM, LlamaConfig(**common)
+    if arch == "qwen2":  # Qwen 2.5's architecture: biased q/k/v projections, RoPE base 1e6
+        common.update(num_hidden_layers=3, rope_parameters={"rope_type": "default", "rope_theta": 1e6})
+        common.update(over)
+        return Qwen2ForCausalLM, Qwen2Config(**common)
     if arch == "qwen3":
         common.update(num_hidden_layers=3, head_dim=16)
         common.update(over)

@@ -15,6 +15,7 @@ def hf_greedy(model, tokenizer, prompt: str, n: int) -> list[int]:
     return out[0, ids.shape[1] :].tolist()
 
 
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3", "gemma3"])
 def test_greedy_matches_hf_generate(tiny, tokenizer):
     ref, loaded = tiny
     prompt = TEXT * 2  # longer than the tiny Gemma's 16-token sliding window

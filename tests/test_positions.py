@@ -13,6 +13,7 @@ from tests.conftest import TEXT, build_tiny, twin
 from tests.test_attention import read_all
 
 
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3", "gemma3"])
 def test_rebase_leaves_attention_unchanged(tiny, tokenizer):
     _, loaded = tiny
     ids = tokenizer(TEXT * 2)["input_ids"]
@@ -29,7 +30,7 @@ def test_rebase_leaves_attention_unchanged(tiny, tokenizer):
     torch.testing.assert_close(got, expected, atol=2e-4, rtol=1e-4)
 
 
-@pytest.mark.parametrize("arch_name", ["llama", "gemma3"])
+@pytest.mark.parametrize("arch_name", ["llama", "qwen2", "gemma3"])
 def test_endless_run_stays_inside_trained_positions(arch_name, tokenizer):
     """max_position_embeddings=128, 700 tokens: positions and distances stay below 128."""
     ref = build_tiny(arch_name, len(tokenizer), max_position_embeddings=128)
