@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 
 import torch
 from transformers.cache_utils import Cache
@@ -29,6 +30,20 @@ from .models import ModelSpec
 
 # per KV head: the spans to replace, as (start, end, block); block None deletes the span
 HeadSpans = Sequence[tuple[int, int, "Block | None"]]
+
+
+@dataclass
+class _Transaction:
+    """What :meth:`CompactedCache.abort` puts back: lengths, capacities and positions at ``begin``,
+    copies of the layers edited in place since, and the query buffer's content."""
+
+    lengths: list[list[int]]
+    caps: list[list[int]]
+    logical_length: int
+    position_offset: int
+    query_buffer: object
+    query_state: object
+    layers: dict[int, tuple] = field(default_factory=dict)
 
 
 class CompactedCache(Cache):
@@ -58,6 +73,8 @@ class CompactedCache(Cache):
         self.step_first_pos = 0
         self.query_observer = None  # callable(layer_idx, query): scratch passes collecting queries
         self.query_buffer = None  # compaction.queries.QueryBuffer fed by the attention path, if any
+        self._txn: _Transaction | None = None
+        self._txn_depth = 0
 
     # ------------------------------------------------------------------ accounting
     @property
@@ -253,6 +270,62 @@ class CompactedCache(Cache):
     def is_compileable(self) -> bool:
         return False
 
+    # ------------------------------------------------------------------ transactions
+    def begin(self) -> None:
+        """Start an all-or-nothing operation: :meth:`abort` puts back exactly what the cache (and its
+        query buffer) held here. Nestable; only the outermost begin / commit / abort counts.
+
+        Cheap until something is edited in place: appends are undone by lengths, capacities by a
+        resize, and a layer is copied (once) just before its first structural edit -- compaction,
+        eviction, key rotation (:meth:`touch`). ``peak_bytes`` stays a high-water mark.
+        """
+        self._txn_depth += 1
+        if self._txn_depth > 1:
+            return
+        qb = self.query_buffer
+        self._txn = _Transaction(
+            lengths=self.snapshot_lengths(),
+            caps=[layer.caps for layer in self.layers],
+            logical_length=self.logical_length,
+            position_offset=self.position_offset,
+            query_buffer=qb,
+            query_state=qb.snapshot() if qb is not None else None,
+        )
+
+    def touch(self, layer_idx: int) -> None:
+        """Layer ``layer_idx`` is about to be edited in place: keep a copy for :meth:`abort`."""
+        txn = self._txn
+        if txn is not None and layer_idx not in txn.layers:
+            txn.layers[layer_idx] = self.layers[layer_idx].snapshot()
+
+    def commit(self) -> None:
+        """End the operation begun last, keeping what it did."""
+        self._txn_depth = max(0, self._txn_depth - 1)
+        if self._txn_depth == 0:
+            self._txn = None
+
+    def abort(self) -> None:
+        """End the operation begun last; the outermost one puts everything back as at :meth:`begin`."""
+        self._txn_depth = max(0, self._txn_depth - 1)
+        txn = self._txn
+        if self._txn_depth > 0 or txn is None:
+            return
+        self._txn = None
+        for i, layer in enumerate(self.layers):
+            if i in txn.layers:
+                layer.restore(txn.layers[i])
+            layer.truncate_to(txn.lengths[i])
+            if layer.caps != txn.caps[i]:
+                layer.resize(txn.caps[i])
+            layer.step_new = 0
+            layer.refresh_meta()
+        self.logical_length = txn.logical_length
+        self.position_offset = txn.position_offset
+        self._new_pos = self._new_tok = None
+        self.query_buffer = txn.query_buffer
+        if txn.query_buffer is not None:
+            txn.query_buffer.restore(txn.query_state)
+
     # ------------------------------------------------------------------ compaction API
     def validate_spans(self, staged: Sequence[tuple[int, Sequence[HeadSpans]]]) -> None:
         """Check replacements for several layers before any is written (see :meth:`replace_spans`)."""
@@ -297,6 +370,7 @@ class CompactedCache(Cache):
         leaves the layer untouched.
         """
         self._validate(layer_idx, per_head)
+        self.touch(layer_idx)
         layer = self.layers[layer_idx]
         for h, spans in enumerate(per_head):
             for start, end, block in sorted(spans, key=lambda x: -x[0]):  # last first: indices stay valid
@@ -316,6 +390,7 @@ class CompactedCache(Cache):
             raise CompactionError(f"layer {layer_idx}: span [{start}, {end}) outside [0, {length})")
         if end == start:
             return
+        self.touch(layer_idx)
         layer.delete_all_heads(start, end)
         layer.refresh_meta()
 
@@ -353,6 +428,8 @@ class CompactedCache(Cache):
         other.logical_length = self.logical_length
         other.position_offset = self.position_offset
         other.peak_bytes = self.peak_bytes
+        if self.query_buffer is not None:
+            other.query_buffer = self.query_buffer.copy()
         return other
 
     def state(self) -> tuple[dict[str, torch.Tensor], dict]:

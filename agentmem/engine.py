@@ -65,23 +65,39 @@ class Engine:
                 f"{need}: use max_kv_mb >= {math.ceil(self.cache.bytes_for_tokens(need) / MiB * 100) / 100:.2f}"
             )
         policy.attach(loaded.spec)
+        self.seed = seed
         self.compactions: list[CompactionEvent] = []
         self.pinned: list[tuple[int, int]] = []
         self.transcript_ids = array("i")
-        if isinstance(policy, SpanPolicy):
-            cfg = policy.config
-            mode = "context" if "context" in (cfg.queries, cfg.offline_queries) else "recent"
-            spec = loaded.spec
-            self.cache.query_buffer = QueryBuffer(
-                spec.num_layers,
-                spec.num_q_heads,
-                spec.head_dim,
-                cfg.query_buffer,
-                mode,
-                loaded.device,
-                loaded.dtype,
-                seed=seed,
-            )
+        self.cache.query_buffer = self._query_buffer_for(policy)
+
+    def _query_buffer_for(self, policy: Policy) -> QueryBuffer | None:
+        """The query buffer a policy's methods read (None for policies that need no queries)."""
+        if not isinstance(policy, SpanPolicy):
+            return None
+        cfg, spec = policy.config, self.loaded.spec
+        mode = "context" if "context" in (cfg.queries, cfg.offline_queries) else "recent"
+        args = (spec.num_layers, spec.num_q_heads, spec.head_dim, cfg.query_buffer, mode)
+        return QueryBuffer(*args, self.loaded.device, self.loaded.dtype, seed=self.seed)
+
+    def set_policy(self, policy: Policy) -> None:
+        """Switch policies mid-session. The query buffer becomes the one the new policy reads (keeping
+        the rows it can); a buffer that starts empty under a non-empty cache is filled by a scratch pass
+        over the newest tokens read, after the old policy has made room for it if it must."""
+        policy.attach(self.loaded.spec)
+        old, new = self.cache.query_buffer, self._query_buffer_for(policy)
+        if new is not None and old is not None and (old.mode, old.capacity) == (new.mode, new.capacity):
+            new = old
+        elif new is not None and old is not None:
+            new.absorb(old)
+        if new is not None and new is not old and not any(new.filled) and self.cache.logical_length:
+            recent = list(self.transcript_ids[-min(new.capacity, 64, len(self.transcript_ids)) :])
+            self.make_room(self.cache, len(recent), self.compactions)  # the old policy's way
+            with self.scratch(self.cache, lambda layer, q: new.push(layer, q, self.cache.forward_positions)):
+                self.cache.reserve(len(recent))
+                self.forward_chunk(self.cache, recent, "none")
+        self.policy = policy
+        self.cache.query_buffer = new
 
     @property
     def tokenizer(self):
@@ -92,9 +108,7 @@ class Engine:
         import copy
 
         other = copy.copy(self)
-        other.cache = self.cache.clone()
-        if self.cache.query_buffer is not None:
-            other.cache.query_buffer = copy.deepcopy(self.cache.query_buffer)
+        other.cache = self.cache.clone()  # query buffer included
         other.compactions = list(self.compactions)
         other.pinned = list(self.pinned)
         other.transcript_ids = array("i", self.transcript_ids)
@@ -166,8 +180,8 @@ class Engine:
     ) -> CompactionEvent:
         layers = sorted({r.layer for r in plan.requests})
         size = -(-len(layers) // groups)
-        saved = {i: cache.layers[i].snapshot() for i in layers}  # restored if any group fails
         events: list[CompactionEvent] = []
+        cache.begin()  # every group or none
         try:
             for g in range(0, len(layers), size):
                 part = set(layers[g : g + size])
@@ -176,9 +190,9 @@ class Engine:
                 events.append(execute_plan(cache, sub, method, name, queries))
                 events[-1].notes[:0] = notes
         except BaseException:
-            for i, state in saved.items():
-                cache.layers[i].restore(state)
+            cache.abort()
             raise
+        cache.commit()
         first, last = events[0], events[-1]
         last.tokens_before, last.kv_bytes_before = first.tokens_before, first.kv_bytes_before
         last.payload_bytes_before = first.payload_bytes_before

@@ -275,6 +275,8 @@ class CacheLayer:
 
     def truncate_to(self, lengths: Sequence[int]) -> None:
         """Drop entries appended after ``lengths`` (used to roll back a failed or scratch forward)."""
+        if any(keep > cur for cur, keep in zip(self.lengths, lengths)):
+            raise ValueError(f"cannot truncate lengths {self.lengths} up to {list(lengths)}")
         for h, (cur, keep) in enumerate(zip(self.lengths, lengths)):
             if keep < cur:
                 self._clear(h, keep, cur)

@@ -77,21 +77,6 @@ def maintain(cache: CompactedCache, n: int, config: PositionConfig) -> dict | No
     return moved or None
 
 
-def maintain_is_noop(cache: CompactedCache, n: int, config: PositionConfig) -> bool:
-    """Whether :func:`maintain` would leave every key where it is before appending n tokens."""
-    if config.mode == "raw" or not cache.spec.rope_rotatable:
-        return True
-    if config.mode == "clamp":
-        limit = effective_max_distance(cache, config)
-        q_last = cache.next_position + n - 1
-        if limit is not None and any(
-            layer.min_pos is not None and q_last - layer.min_pos >= limit for layer in cache.layers
-        ):
-            return False
-    max_pos = cache.spec.max_position_embeddings
-    return not (max_pos and cache.next_position + n > max_pos)
-
-
 def _clamp(cache: CompactedCache, n: int, limit: int, band: int) -> int:
     if limit < n + 2 * band + 1:
         raise ValueError(f"max_distance {limit} is too small for chunks of {n} tokens (needs >= {n + 2 * band + 1})")
@@ -110,6 +95,7 @@ def _clamp(cache: CompactedCache, n: int, limit: int, band: int) -> int:
         scale = (hi - 1 - lo) / max(1.0, hi - 1 - pmin)
         new = torch.floor(lo + (pos - pmin) * scale)
         delta = torch.where(far, new - pos, torch.zeros_like(pos)).to(torch.int64)
+        cache.touch(idx)
         layer.rotate(delta, cache.spec.inv_freq[idx])
         layer.refresh_meta()
         moved += int(far.sum().item())
@@ -125,6 +111,7 @@ def _rebase(cache: CompactedCache) -> int:
         lmax = layer.max_length
         if lmax:
             shift = torch.full((layer.num_heads, lmax), -delta, dtype=torch.int64, device=layer.device)
+            cache.touch(idx)
             layer.rotate(shift, cache.spec.inv_freq[idx])
             layer.refresh_meta()
     if cache.query_buffer is not None:  # buffered queries follow the keys

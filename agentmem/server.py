@@ -262,10 +262,7 @@ class AgentMemServer:
             split = len(new) - 1 if new and new[-1]["role"] in ("user", "assistant") else len(new)
             receipts = self._feed(conv, new[:split], req)
             tail = new[split:]  # read together with the generation prompt
-            with session._lock:
-                ids = session._chat_ids(tail, add_generation_prompt=True)
-            prompt_tokens = len(session.transcript_ids) + len(ids) - t_before
-            events = session._chat_events(ids, max_new, req.temperature or 0.0, req.top_p or 1.0, req.stop)
+            events = session.chat_stream(tail, max_new, req.temperature or 0.0, req.top_p or 1.0, req.stop)
             try:  # read the prompt now: its errors are the request's, and what is recorded is what was read
                 first = next(events)
             except BaseException:
@@ -278,7 +275,7 @@ class AgentMemServer:
         except BaseException:
             conv.lock.release()
             raise
-        run = self._run(conv, kept, conv_id, first, events, receipts, first_event, prompt_tokens)
+        run = self._run(conv, kept, conv_id, first, events, receipts, first_event, t_before)
         return _Reply(run, conv.lock)
 
     def _feed(self, conv: Conversation, messages: list[dict], req: ChatCompletionRequest) -> list:
@@ -294,8 +291,7 @@ class AgentMemServer:
 
         def flush():
             if group:
-                with session._lock:
-                    session._read(session._chat_ids(list(group), add_generation_prompt=False), session.compactions)
+                session.read_messages(list(group))
                 conv.history.extend(_key(m) for m in group)
                 group.clear()
 
@@ -317,7 +313,7 @@ class AgentMemServer:
         flush()
         return receipts
 
-    def _run(self, conv, kept, conv_id, first, events, receipts, first_event, prompt_tokens) -> Iterator[dict]:
+    def _run(self, conv, kept, conv_id, first, events, receipts, first_event, t_before) -> Iterator[dict]:
         session = conv.session
         try:
             result = None
@@ -327,6 +323,8 @@ class AgentMemServer:
                 elif ev.kind == "done":
                     result = ev.result
             conv.history.append(_key({"role": "assistant", "content": result.text}))
+            # every token this request read: new messages, generation prompt (not the reply)
+            prompt_tokens = len(session.transcript_ids) - t_before - result.stats.generated_tokens
             compactions: list[CompactionEvent] = session.compactions[first_event:]
             st = session.stats
             yield {

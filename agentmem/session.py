@@ -15,10 +15,11 @@ from __future__ import annotations
 
 import copy
 import logging
+import math
 import threading
 import time
 from collections.abc import Iterator, Sequence
-from contextlib import ExitStack
+from contextlib import ExitStack, contextmanager
 from typing import TYPE_CHECKING
 
 import torch
@@ -29,7 +30,7 @@ from .errors import AgentMemError, BudgetError
 from .events import CompactionEvent, GenerationResult, GenerationStats, SessionStats, StreamEvent
 from .models import LoadedModel, load_model, wrap_model
 from .policy import Policy, resolve_policy
-from .positions import PositionConfig, maintain_is_noop
+from .positions import PositionConfig
 from .textstream import IncrementalDetokenizer, find_stop
 
 if TYPE_CHECKING:
@@ -99,6 +100,7 @@ class AgentSession:
         self._started = False  # whether the first token (and BOS) has been read
         self._generator = torch.Generator(device="cpu").manual_seed(seed)
         self._lock = threading.RLock()
+        self._depth = 0  # open all-or-nothing operations (_atomic)
 
     # ------------------------------------------------------------------ properties
     @property
@@ -123,8 +125,9 @@ class AgentSession:
 
     @policy.setter
     def policy(self, policy) -> None:
-        self.engine.policy = resolve_policy(policy)
-        self.engine.policy.attach(self.spec)
+        new = resolve_policy(policy)
+        with self._lock, self._atomic():
+            self.engine.set_policy(new)
 
     @property
     def positions(self) -> PositionConfig:
@@ -190,35 +193,100 @@ class AgentSession:
         self._pending = []
         return logits
 
+    # ------------------------------------------------------------------ all or nothing
+    @contextmanager
+    def _atomic(self, undo: bool = False) -> Iterator[None]:
+        """An operation that completes or leaves the session exactly as it was: cache, query buffer,
+        transcript, pins, pending token, messages, compaction ledger, sampler and policy are put back
+        if it raises (``undo=True``: always, for :meth:`score`). A generator closed early (a stream
+        the caller stopped reading) keeps what it did. Nested operations belong to the outermost."""
+        if self._depth:
+            yield
+            return
+        engine = self.engine
+        marks = (
+            len(engine.transcript_ids),
+            list(engine.pinned),
+            len(engine.compactions),
+            list(self._pending),
+            self._started,
+            len(self.messages),
+            self._chat_text,
+            self.latest_turn,
+            self._generator.get_state(),
+            engine.policy,
+        )
+        self.cache.begin()
+        self._depth += 1
+        keep = False
+        try:
+            yield
+            keep = not undo
+        except GeneratorExit:
+            keep = not undo
+            raise
+        finally:
+            self._depth -= 1
+            if keep:
+                self.cache.commit()
+            else:
+                self.cache.abort()
+                n_ids, pinned, n_events, pending, started, n_msgs, chat_text, turn, rng, policy = marks
+                del engine.transcript_ids[n_ids:]
+                engine.pinned[:] = pinned
+                del engine.compactions[n_events:]
+                self._pending, self._started, self._chat_text, self.latest_turn = pending, started, chat_text, turn
+                del self.messages[n_msgs:]
+                self._generator.set_state(rng)
+                engine.policy = policy
+
+    def _pin_ids(self, n: int) -> None:
+        """Pin the next n tokens read; refuses pins the budget could never hold next to a chunk."""
+        protected = sum(b - a for a, b in self.pinned) + self.policy.sinks()
+        cap = self.cache.max_tokens()
+        if protected + n + self.policy.min_tokens(1) > cap:
+            raise BudgetError(
+                f"pinning {n} more tokens would leave no room to work: the budget holds {cap} tokens, "
+                f"{protected} are already protected; pin less or raise max_kv_mb"
+            )
+        start = len(self.transcript_ids)
+        self.pinned.append((start, start + n))
+
     # ------------------------------------------------------------------ public: reading
     def append(self, text: str, role: str | None = None, pin: bool = False) -> None:
         """Read text into memory. ``role`` ("user", "system", "tool", ...) wraps it in the chat template.
 
         Long inputs are run in chunks; the policy compacts between chunks so the budget holds.
         ``pin=True`` keeps this text exact forever (no policy compacts it), e.g. a system prompt.
+        All or nothing: if reading fails, the session is as it was.
         """
-        if not isinstance(text, str):
-            raise TypeError(f"text must be a str, not {type(text).__name__}")
-        with self._lock:
+        check_text(text, "text")
+        if role is not None:
+            check_messages([{"role": role, "content": text}])
+        with self._lock, self._atomic():
             if role is None:
                 ids = self._encode(text)
             else:
                 ids = self._chat_ids([{"role": role, "content": text}], add_generation_prompt=False)
             if pin and ids:
-                start = len(self.transcript_ids)
-                self.pinned.append((start, start + len(ids)))
+                self._pin_ids(len(ids))
             self._read(ids, self.compactions)
+
+    def _token_ids(self, ids: Sequence[int]) -> list[int]:
+        if isinstance(ids, (str, bytes)) or not all(isinstance(i, int) or hasattr(i, "__index__") for i in ids):
+            raise TypeError("token ids must be a sequence of ints")
+        out = [int(i) for i in ids]
+        vocab = self.model.get_input_embeddings().num_embeddings
+        if any(not 0 <= i < vocab for i in out):
+            raise ValueError(f"token ids must be in [0, {vocab})")
+        return out
 
     def append_tokens(self, ids: Sequence[int], pin: bool = False) -> None:
         """Read token ids as they are (no tokenization); see :meth:`append`."""
-        ids = [int(i) for i in ids]
-        vocab = self.model.get_input_embeddings().num_embeddings
-        if any(not 0 <= i < vocab for i in ids):
-            raise ValueError(f"token ids must be in [0, {vocab})")
-        with self._lock:
+        ids = self._token_ids(ids)
+        with self._lock, self._atomic():
             if pin and ids:
-                start = len(self.transcript_ids)
-                self.pinned.append((start, start + len(ids)))
+                self._pin_ids(len(ids))
             self._read(ids, self.compactions)
 
     def next_logits(self) -> torch.Tensor:
@@ -226,7 +294,7 @@ class AgentSession:
 
         Follow it with ``append_tokens([token])`` to accept the chosen token.
         """
-        with self._lock:
+        with self._lock, self._atomic():
             if not self._pending:
                 raise ValueError("nothing pending: read text (append) or accept a token first")
             return self._step_pending(self.compactions)
@@ -243,9 +311,7 @@ class AgentSession:
             return other
 
     def _chat_ids(self, messages: list[dict], add_generation_prompt: bool) -> list[int]:
-        for m in messages:
-            if not isinstance(m, dict) or "role" not in m or "content" not in m:
-                raise ValueError(f"chat messages are dicts with 'role' and 'content', got {m!r}")
+        check_messages(messages)
         if getattr(self.tokenizer, "chat_template", None) is None:
             raise AgentMemError(f"{self.spec.name} has no chat template; use append()/generate() with raw text")
         extra = {"tools": self.tools} if self.tools else {}
@@ -282,7 +348,7 @@ class AgentSession:
         ``prompt=None`` continues from what is already in memory. ``ignore_eos`` keeps generating
         past end-of-sequence tokens (benchmarks, endless reasoning runs).
         """
-        _check_generation_args(max_new_tokens, temperature, top_p)
+        _check_generation_args(max_new_tokens, temperature, top_p, stop)
         ids = self._prompt_ids(prompt)
         return self._stream_ids(ids, max_new_tokens, temperature, top_p, stop, ignore_eos)
 
@@ -291,8 +357,7 @@ class AgentSession:
             if not self._pending:
                 raise ValueError("nothing to continue: the session is empty; pass a prompt")
             return []
-        if not isinstance(prompt, str):
-            raise TypeError(f"prompt must be a str or None, not {type(prompt).__name__}")
+        check_text(prompt, "prompt")
         if prompt == "":
             raise ValueError("prompt is empty; pass text, or prompt=None to continue from memory")
         return self._encode(prompt)
@@ -307,18 +372,31 @@ class AgentSession:
             probs = torch.zeros_like(probs).scatter_(0, order[keep], sorted_p[keep])
         return int(torch.multinomial(probs, 1, generator=self._generator).item())
 
-    def _stream_ids(self, ids, max_new_tokens, temperature, top_p, stop, ignore_eos=False) -> Iterator[StreamEvent]:
-        with self._lock:
+    def _stream_ids(
+        self, ids, max_new_tokens, temperature, top_p, stop, ignore_eos=False, chat: list[dict] | None = None
+    ) -> Iterator[StreamEvent]:
+        """The generation loop. ``chat``: new messages to render (their ids replace ``ids``); the reply
+        then joins the history, also when the caller stops reading early (what was generated stays)."""
+        with self._lock, self._atomic():
+            if chat is not None:
+                ids = self._chat_ids(chat, add_generation_prompt=True)
             d = _Decoding(self, ids, max_new_tokens, temperature, top_p, stop, ignore_eos)
-            logits = d.prefill()
-            while True:
-                yield from d.compaction_events()
-                if d.finished:
-                    break
-                if d.steps > 0:
-                    logits = self._step_pending(self.compactions)
-                yield from d.accept(logits)
-            yield d.done()
+            try:
+                logits = d.prefill()
+                while True:
+                    yield from d.compaction_events()
+                    if d.finished:
+                        break
+                    if d.steps > 0:
+                        logits = self._step_pending(self.compactions)
+                    yield from d.accept(logits)
+                if chat is not None:
+                    self._record_reply(d.result())
+                yield d.done()
+            except GeneratorExit:  # the caller stopped reading: a reply cut short is still the reply
+                if chat is not None and d.generated and (not self.messages or self.messages[-1]["role"] != "assistant"):
+                    self._record_reply(d.result())
+                raise
 
     @staticmethod
     def _collect(events: Iterator[StreamEvent]) -> GenerationResult:
@@ -356,22 +434,21 @@ class AgentSession:
         return self._collect(self.chat_stream(messages, max_new_tokens, temperature, top_p, stop))
 
     def chat_stream(self, messages, max_new_tokens=256, temperature=0.0, top_p=1.0, stop=None) -> Iterator[StreamEvent]:
+        """:meth:`chat`, as a stream of events. ``messages=[]`` asks for the model's turn after the
+        chat history already read (e.g. after :meth:`tool_result`)."""
         if isinstance(messages, str):
             messages = [{"role": "user", "content": messages}]
-        if not messages:
-            raise ValueError("messages is empty")
-        _check_generation_args(max_new_tokens, temperature, top_p)
-        with self._lock:
-            ids = self._chat_ids(list(messages), add_generation_prompt=True)
-        return self._chat_events(ids, max_new_tokens, temperature, top_p, stop)
+        if not isinstance(messages, list) or not (messages or self.messages):
+            raise ValueError("messages must be a non-empty list of {'role', 'content'} dicts (or one str)")
+        check_messages(messages)
+        _check_generation_args(max_new_tokens, temperature, top_p, stop)
+        return self._stream_ids([], max_new_tokens, temperature, top_p, stop, chat=list(messages))
 
-    def _chat_events(self, ids, max_new_tokens, temperature, top_p, stop) -> Iterator[StreamEvent]:
-        result = None
-        for ev in self._stream_ids(ids, max_new_tokens, temperature, top_p, stop):
-            if ev.kind == "done":
-                result = ev.result
-            yield ev
-        self._record_reply(result)
+    def read_messages(self, messages: list[dict]) -> None:
+        """Read chat messages into memory without asking for a reply (all or nothing)."""
+        check_messages(messages)
+        with self._lock, self._atomic():
+            self._read(self._chat_ids(list(messages), add_generation_prompt=False), self.compactions)
 
     def _record_reply(self, result: GenerationResult) -> None:
         """The assistant's reply joins the chat history (and the rendered text read so far)."""
@@ -387,29 +464,29 @@ class AgentSession:
         If the session is empty and there is no prefix, the first token of ``text`` is context only.
         ``text`` and ``prefix`` may be strings or token ids. ``return_logits`` also returns the fp32
         next-token logits that predicted each scored token.
-        Text that fits the free budget is scored in place and rolled back; longer text is scored on
-        a scratch copy of the cache (which may compact; the session never sees it).
+        The text is read exactly as :meth:`append` would read it (compacting if it does not fit),
+        then everything is put back: memory, query buffer, transcript and ledger are unchanged.
         """
         if not text:
             raise ValueError("text to score must be non-empty (a str or token ids)")
-        with self._lock:
-            started = self._started
-            ctx = self._pending + (self._encode(prefix) if isinstance(prefix, str) and prefix else list(prefix))
+        for value, what in ((text, "text"), (prefix, "prefix")):
+            if isinstance(value, str):
+                check_text(value, what)
+        with self._lock, self._atomic(undo=True):
             if prefix:
+                ctx = self._pending + (self._encode(prefix) if isinstance(prefix, str) else self._token_ids(prefix))
                 self._started = True
-            target = self._encode(text) if isinstance(text, str) else [int(i) for i in text]
-            self._started = started
+            else:
+                ctx = list(self._pending)
+            target = self._encode(text) if isinstance(text, str) else self._token_ids(text)
             if not ctx:
                 ctx, target = target[:1], target[1:]
                 if not target:
                     raise ValueError("text has a single token and nothing precedes it: nothing to score")
             ids = ctx + target
-            cache = self.cache
-            if cache.fits(len(ids)) and maintain_is_noop(cache, len(ids), self.positions):
-                with self.engine.scratch(cache):
-                    logits = self.engine.run(cache, ids, "all", None)
-            else:
-                logits = self.engine.run(cache.clone(), ids, "all", None)
+            self._started = True
+            self.transcript_ids.extend(ids[len(self._pending) :])  # read as append() would
+            logits = self.engine.run(self.cache, ids, "all", None)
             pred = logits[len(ctx) - 1 : len(ids) - 1]
             tgt = torch.tensor(target, device=pred.device)
             nll = torch.nn.functional.cross_entropy(pred, tgt, reduction="none")
@@ -446,14 +523,17 @@ class AgentSession:
         ``"recent"``, ``"context"``, ``"self-study"`` (what the session buffers is what it has).
         Sinks and pinned ranges stay exact. Spare capacity is released afterwards.
         """
-        if not 0 < ratio <= 1:
-            raise ValueError(f"ratio must be in (0, 1] (got {ratio})")
+        if not isinstance(ratio, (int, float)) or isinstance(ratio, bool) or not 0 < ratio <= 1:
+            raise ValueError(f"ratio must be a number in (0, 1] (got {ratio!r})")
         planner = self.policy
         if method is not None and method not in (planner.method.name, planner.name):
             planner = resolve_policy(_METHOD_POLICIES.get(method, method))
             planner.attach(self.spec)
-        with self._lock:
-            plan = planner.plan_for_ratio(self.cache, ratio, self.pinned)
+        # the session's sinks stay, whatever method runs (truncate's own online policy keeps none)
+        sinks = self.policy.sinks()
+        protected = ([(0, sinks)] if sinks else []) + list(self.pinned)
+        with self._lock, self._atomic():
+            plan = planner.plan_for_ratio(self.cache, ratio, protected)
             groups = getattr(planner.config, "on_policy_groups", 1)
             event = self.engine.execute(self.cache, plan, planner.method, queries, groups, planner=planner)
             self.cache.shrink_to_fit()
@@ -504,10 +584,14 @@ def generate_batch(
         raise ValueError(f"{len(sessions)} sessions but {len(prompts)} prompts")
     if len({id(s) for s in sessions}) != len(sessions):
         raise ValueError("a session can appear only once in a batch")
-    _check_generation_args(max_new_tokens, temperature, top_p)
+    _check_generation_args(max_new_tokens, temperature, top_p, stop)
+    for p in prompts:
+        if isinstance(p, list):
+            check_messages(p)
     with ExitStack() as locks:
         for session in sessions:
             locks.enter_context(session._lock)
+            locks.enter_context(session._atomic())  # every session's call completes, or none changes
         chats = [isinstance(p, list) for p in prompts]
         if any(chat and not p for chat, p in zip(chats, prompts)):
             raise ValueError("a chat prompt (a list of messages) is empty")
@@ -578,13 +662,56 @@ def _prefill_batch(decodings: list[_Decoding]) -> list[torch.Tensor | None]:
 _METHOD_POLICIES = {"am": "am-halve", "window": "streaming"}  # compact(method=...) by method name
 
 
-def _check_generation_args(max_new_tokens, temperature, top_p) -> None:
+def _number(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def _check_generation_args(max_new_tokens, temperature, top_p, stop=None) -> None:
     if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) or max_new_tokens < 0:
         raise ValueError(f"max_new_tokens must be an int >= 0 (got {max_new_tokens!r})")
-    if temperature < 0:
-        raise ValueError(f"temperature must be >= 0 (got {temperature})")
-    if not 0 < top_p <= 1:
-        raise ValueError(f"top_p must be in (0, 1] (got {top_p})")
+    if not _number(temperature) or temperature < 0:
+        raise ValueError(f"temperature must be a finite number >= 0 (got {temperature!r})")
+    if not _number(top_p) or not 0 < top_p <= 1:
+        raise ValueError(f"top_p must be a number in (0, 1] (got {top_p!r})")
+    stops = [stop] if isinstance(stop, str) else stop
+    if stops is not None and (not isinstance(stops, (list, tuple)) or not all(isinstance(x, str) and x for x in stops)):
+        raise ValueError(f"stop must be a non-empty string or a list of them (got {stop!r})")
+    for x in stops or ():
+        check_text(x, "stop")
+
+
+def check_text(text, what: str = "text") -> None:
+    """A str that can be written as UTF-8 (no lone surrogates), else a clear error."""
+    if not isinstance(text, str):
+        raise TypeError(f"{what} must be a str, not {type(text).__name__}")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise ValueError(
+            f"{what} is not valid Unicode: {exc.reason} at index {exc.start} ({text[exc.start : exc.end]!r}); "
+            "remove or replace that character"
+        ) from None
+
+
+def check_messages(messages) -> None:
+    """Chat messages: dicts with a str ``role`` and a str ``content`` (an assistant message with
+    ``tool_calls`` may have None), all valid Unicode."""
+    if not isinstance(messages, list):
+        raise ValueError(f"chat messages must be a list of dicts, got {type(messages).__name__}")
+    for m in messages:
+        if not isinstance(m, dict) or "role" not in m or "content" not in m:
+            raise ValueError(f"chat messages are dicts with 'role' and 'content', got {m!r}")
+        if not isinstance(m["role"], str) or not m["role"]:
+            raise ValueError(f"a message's role must be a non-empty str, got {m['role']!r}")
+        content = m["content"]
+        if content is None and m["role"] == "assistant" and m.get("tool_calls"):
+            continue
+        if not isinstance(content, str):
+            raise ValueError(
+                f"the content of a {m['role']!r} message must be a str, got {type(content).__name__}"
+                + (" (None is only allowed for an assistant message with tool_calls)" if content is None else "")
+            )
+        check_text(content, f"the content of a {m['role']!r} message")
 
 
 class _Decoding:

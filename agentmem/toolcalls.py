@@ -337,14 +337,16 @@ def tool_result(
             plain text, when the template cannot render it); None reads plain text with a wrapper.
         tool_call_id: the OpenAI ``tool_call_id`` this output answers (kept in the message).
     """
-    if not isinstance(output, str):
-        raise TypeError(f"tool output must be a str, not {type(output).__name__}")
+    from .session import check_text
+
+    check_text(output, "tool output")
+    check_text(name, "tool name")
     if ratio is None:
         ratio = getattr(session.policy.config, "tool_ratio", DEFAULT_TOOL_RATIO)
     if not 0 < ratio <= 1:
         raise ValueError(f"ratio must be in (0, 1] (got {ratio})")
     openai_tokens, encoding = openai_token_count(output)
-    with session._lock:
+    with session._lock, session._atomic():  # read and compacted, or the session as it was
         t0 = time.perf_counter()
         first_event = len(session.compactions)
         kv_before = session.cache.kv_bytes

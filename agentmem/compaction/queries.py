@@ -15,6 +15,7 @@ position frame (re-basing rotates stored queries together with the keys).
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass, field
 
 import torch
@@ -158,9 +159,47 @@ class QueryBuffer:
                 self.data[layer] = rotate_queries(self.data[layer], delta, inv_freq[layer])
         self.pos += delta
 
-    def clear(self) -> None:
-        self.filled = [0] * len(self.filled)
-        self.seen = [0] * len(self.seen)
+    def snapshot(self) -> tuple:
+        """A copy of the content, on its device (for :meth:`restore`)."""
+        return (
+            self.data.clone(),
+            self.pos.clone(),
+            list(self.filled),
+            list(self.seen),
+            self._gen.get_state(),
+            self.enabled,
+        )
+
+    def restore(self, state: tuple) -> None:
+        data, pos, filled, seen, rng, enabled = state
+        self.data.copy_(data)
+        self.pos.copy_(pos)
+        self.filled, self.seen, self.enabled = list(filled), list(seen), enabled
+        self._gen.set_state(rng)
+
+    def copy(self) -> QueryBuffer:
+        """An independent buffer with the same content."""
+        other = copy.copy(self)
+        other.data, other.pos = self.data.clone(), self.pos.clone()
+        other.filled, other.seen = list(self.filled), list(self.seen)
+        other._gen = torch.Generator().set_state(self._gen.get_state())
+        return other
+
+    def rows_in_order(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(n, H_q, d) queries and (n,) positions of a layer, oldest first for a ring (slot order for
+        a reservoir, which has no order)."""
+        k = self.filled[layer]
+        idx = torch.arange(k, device=self.data.device)
+        if self.mode == "recent" and k == self.capacity:
+            idx = (idx + self.seen[layer]) % self.capacity  # the oldest row follows the newest
+        return self.data[layer, idx], self.pos[layer, idx]
+
+    def absorb(self, other: QueryBuffer) -> None:
+        """Take the rows of another buffer (of another mode or capacity), oldest first."""
+        for layer in range(min(len(self.filled), len(other.filled))):
+            if other.filled[layer]:
+                q, pos = other.rows_in_order(layer)
+                self.push(layer, q.transpose(0, 1)[None].to(self.data.dtype), pos)
 
     def state(self) -> tuple[dict[str, torch.Tensor], dict]:
         """For a file: tensors ``data`` (layers, rows, H_q, d), ``pos`` (layers, rows) int64 (rows =
