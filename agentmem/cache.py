@@ -42,7 +42,6 @@ class _Transaction:
     logical_length: int
     position_offset: int
     query_buffer: object
-    query_state: object
     layers: dict[int, tuple] = field(default_factory=dict)
 
 
@@ -289,8 +288,9 @@ class CompactedCache(Cache):
             logical_length=self.logical_length,
             position_offset=self.position_offset,
             query_buffer=qb,
-            query_state=qb.snapshot() if qb is not None else None,
         )
+        if qb is not None:
+            qb.begin()
 
     def touch(self, layer_idx: int) -> None:
         """Layer ``layer_idx`` is about to be edited in place: keep a copy for :meth:`abort`."""
@@ -301,7 +301,9 @@ class CompactedCache(Cache):
     def commit(self) -> None:
         """End the operation begun last, keeping what it did."""
         self._txn_depth = max(0, self._txn_depth - 1)
-        if self._txn_depth == 0:
+        if self._txn_depth == 0 and self._txn is not None:
+            if self._txn.query_buffer is not None:
+                self._txn.query_buffer.commit()
             self._txn = None
 
     def abort(self) -> None:
@@ -322,9 +324,11 @@ class CompactedCache(Cache):
         self.logical_length = txn.logical_length
         self.position_offset = txn.position_offset
         self._new_pos = self._new_tok = None
+        if self.query_buffer is not None and self.query_buffer is not txn.query_buffer:
+            self.query_buffer.commit()  # a buffer made during the operation (a policy change) goes
         self.query_buffer = txn.query_buffer
         if txn.query_buffer is not None:
-            txn.query_buffer.restore(txn.query_state)
+            txn.query_buffer.abort()
 
     # ------------------------------------------------------------------ compaction API
     def validate_spans(self, staged: Sequence[tuple[int, Sequence[HeadSpans]]]) -> None:

@@ -85,6 +85,12 @@ class Engine:
         the rows it can); a buffer that starts empty under a non-empty cache is filled by a scratch pass
         over the newest tokens read, after the old policy has made room for it if it must."""
         policy.attach(self.loaded.spec)
+        cap, pinned = self.cache.max_tokens(), sum(b - a for a, b in self.pinned)
+        if self.cache.max_bytes is not None and not policy.has_room(cap, pinned, 1):
+            raise BudgetError(
+                f"policy {policy.name!r} cannot work in {cap} tokens next to the {pinned} pinned ones: "
+                "raise max_kv_mb or pin less"
+            )
         old, new = self.cache.query_buffer, self._query_buffer_for(policy)
         if new is not None and old is not None and (old.mode, old.capacity) == (new.mode, new.capacity):
             new = old

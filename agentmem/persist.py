@@ -28,7 +28,7 @@ sampled weights), ``cache`` (logical length, position offset, peak and current b
 layer the per-head ``lengths`` and ``caps``), ``query_buffer`` (mode, capacity, filled / seen per
 layer; null without a buffer), ``policy`` (the policy config, pydantic ``model_dump``), ``positions``,
 ``max_kv_bytes``, ``chunk_tokens``, ``session`` (``pending`` tokens, ``started``, chat ``messages``,
-``chat_text``, ``tools``, ``latest_turn``, ``pinned`` ranges, ``compactions``: the ledger as
+``chat_text``, ``tools``, ``latest_turn``, ``pinned`` ranges, ``pin_turn``, ``compactions``: the ledger as
 ``CompactionEvent.as_dict``, and ``transcript_text``: the raw text of everything read or generated,
 for people and tools), ``stats``
 (informational) and ``agentmem_version``.
@@ -147,9 +147,16 @@ _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torc
 
 
 # ---------------------------------------------------------------------- file level
+def file_path(path, what: str = "session") -> Path:
+    """``path`` as a Path; a clear TypeError for anything that is not a path."""
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"the {what} file path must be a str or os.PathLike, not {type(path).__name__}")
+    return Path(path)
+
+
 def write_file(path: str | os.PathLike, kind: str, tensors: dict[str, torch.Tensor], meta: dict) -> Path:
     """Write ``tensors`` and ``meta`` (JSON-serialisable) atomically to ``path``; returns the path."""
-    path = Path(path)
+    path = file_path(path, "session" if kind == SESSION else "cartridge")
     text = json.dumps(meta, ensure_ascii=False)
     header = {
         "agentmem.format": kind,
@@ -177,15 +184,19 @@ def _data_digest(tensors: dict[str, torch.Tensor]) -> str:
 
 def read_file(path: str | os.PathLike, kind: str) -> tuple[dict[str, torch.Tensor], dict]:
     """Read and verify a file written by :func:`write_file`; :class:`SessionFileError` if it is not one."""
-    path = Path(path)
     what = "session" if kind == SESSION else "cartridge"
+    path = file_path(path, what)
     if not path.is_file():
-        raise SessionFileError(f"no saved {what} at {path}")
+        raise SessionFileError(f"no saved {what} at {path}" + (" (it is a directory)" if path.is_dir() else ""))
+    if not os.access(path, os.R_OK):
+        raise SessionFileError(f"{path} cannot be read (permission denied): give this user read access to it")
     damaged = f"{path} is damaged ({{}}): restore it from a backup or save the {what} again"
     try:
         with safe_open(str(path), framework="pt", device="cpu") as fh:
             header = fh.metadata() or {}
             tensors = {name: fh.get_tensor(name) for name in fh.keys()}
+    except PermissionError as exc:
+        raise SessionFileError(f"{path} cannot be read ({exc}): give this user read access to it") from exc
     except Exception as exc:  # safetensors raises its own error type for truncated or garbled files
         raise SessionFileError(damaged.format(f"not a readable safetensors file: {exc}")) from exc
     found = header.get("agentmem.format")
@@ -244,6 +255,7 @@ def session_state(session: AgentSession) -> tuple[dict[str, torch.Tensor], dict]
             "tools": getattr(session, "tools", None),
             "latest_turn": getattr(session, "latest_turn", None),
             "pinned": [list(r) for r in engine.pinned],
+            "pin_turn": session.pin_turn,
             "compactions": [e.as_dict() for e in engine.compactions],
             "transcript_text": session.transcript(),
         },
@@ -288,10 +300,32 @@ class _Parsed:
         self.tools = s.get("tools")
         self.latest_turn = tuple(s["latest_turn"]) if s.get("latest_turn") is not None else None
         self.pinned = [(int(a), int(b)) for a, b in s["pinned"]]
+        self.pin_turn = float(s.get("pin_turn", 0.5))
+        if not 0 <= self.pin_turn <= 1:
+            raise ValueError(f"pin_turn {self.pin_turn} outside [0, 1]")
         self.compactions = [CompactionEvent(**e) for e in s["compactions"]]
         self.rng = tensors["sampler_rng"]
         if self.rng.dtype != torch.uint8:
             raise ValueError("sampler_rng must be a uint8 tensor")
+
+
+def _check_consistent(tensors: dict[str, torch.Tensor], meta: dict, parsed: _Parsed) -> None:
+    """The cache, the transcript and the pins tell one story: every token run through the model is
+    in the transcript (pending ones follow), every entry's token index is one of them, every pin
+    lies inside the transcript. ValueError otherwise (a file edited, then re-checksummed)."""
+    logical = meta["cache"]["logical_length"]
+    if not isinstance(logical, int) or logical + len(parsed.pending) != len(parsed.transcript):
+        raise ValueError(
+            f"the cache has read {logical} tokens and {len(parsed.pending)} are pending, but the transcript "
+            f"holds {len(parsed.transcript)}"
+        )
+    for name, t in tensors.items():
+        if name.startswith("cache.layers.") and name.endswith(".tok") and t.numel():
+            if int(t.min()) < 0 or int(t.max()) >= logical:
+                raise ValueError(f"{name} holds token indices outside [0, {logical})")
+    for a, b in parsed.pinned:
+        if not 0 <= a <= b <= len(parsed.transcript):
+            raise ValueError(f"pinned range ({a}, {b}) lies outside the transcript (0, {len(parsed.transcript)})")
 
 
 def restore(session: AgentSession, tensors: dict[str, torch.Tensor], meta: dict, full: bool = True) -> None:
@@ -304,6 +338,7 @@ def restore(session: AgentSession, tensors: dict[str, torch.Tensor], meta: dict,
     parsed = _Parsed(tensors, meta, session.model.get_input_embeddings().num_embeddings)
     engine, cache = session.engine, session.cache
     qb, qb_meta = cache.query_buffer, meta.get("query_buffer")
+    _check_consistent(tensors, meta, parsed)
     cache.load_state(_sub(tensors, "cache."), meta["cache"])  # validates everything before writing
     if qb is not None and qb_meta is not None:
         try:
@@ -320,6 +355,7 @@ def restore(session: AgentSession, tensors: dict[str, torch.Tensor], meta: dict,
     if full:
         engine.compactions = parsed.compactions
         engine.pinned = parsed.pinned
+        session.pin_turn = parsed.pin_turn
         session.messages = parsed.messages
         session._chat_text = parsed.chat_text
         session.tools, session.latest_turn = parsed.tools, parsed.latest_turn
@@ -372,7 +408,7 @@ def load_session(
     from .policy import resolve_policy
     from .session import AgentSession
 
-    path = Path(path)
+    path = file_path(path)
     tensors, meta = read_file(path, SESSION)
     try:
         saved = meta["model"]

@@ -259,6 +259,11 @@ class Policy:
         """Fewest tokens per head the budget must hold to read chunks of ``chunk`` tokens."""
         raise NotImplementedError
 
+    def has_room(self, cap: int, pinned: int, chunk: int = 1) -> bool:
+        """Whether a budget of ``cap`` tokens per head can keep ``pinned`` tokens exact (besides the
+        sinks) and still make room for chunks of ``chunk`` tokens."""
+        raise NotImplementedError
+
     def plan_for_budget(self, cache: CompactedCache, incoming: int, pinned: list[TokenRange]) -> CompactionPlan:
         raise NotImplementedError
 
@@ -308,6 +313,11 @@ class WindowPolicy(Policy):
 
     def min_tokens(self, chunk: int) -> int:
         return int((self.config.sinks + self.config.min_recent + chunk) / self.config.fill_after) + 1
+
+    def has_room(self, cap: int, pinned: int, chunk: int = 1) -> bool:
+        # plan_for_budget keeps fill_after * cap - chunk - protected recent tokens, at least min_recent
+        c = self.config
+        return c.sinks + pinned + c.min_recent + chunk <= int(c.fill_after * cap)
 
     def _drop_all_but(self, cache, keep_recent: int, protected: list[TokenRange], reason: str) -> CompactionPlan:
         plan = CompactionPlan(reason=reason)
@@ -368,11 +378,17 @@ class SpanPolicy(Policy):
         # sinks + recent window + a compacted span that can still shrink + the incoming chunk
         return self.config.sinks + _MIN_RECENT + 16 + chunk + 1
 
+    def has_room(self, cap: int, pinned: int, chunk: int = 1) -> bool:
+        return self.config.sinks + pinned + self._recent(cap) + 16 + chunk + 1 <= cap
+
+    def _recent(self, cap: int) -> int:
+        """The exact recent window online: at most recent_share of what the budget holds."""
+        return max(_MIN_RECENT, min(self.config.recent, int(cap * self.config.recent_share)))
+
     def plan_for_budget(self, cache: CompactedCache, incoming: int, pinned: list[TokenRange]) -> CompactionPlan:
         plan = CompactionPlan(reason="budget", queries=self.config.queries)
         protected = self.protected(pinned)
-        # the exact recent window never takes more than recent_share of what the budget holds
-        recent = max(_MIN_RECENT, min(self.config.recent, int(cache.max_tokens() * self.config.recent_share)))
+        recent = self._recent(cache.max_tokens())
         ratio = self.config.ratio
         for idx, layer in enumerate(cache.layers):
             runs = compactable_runs(layer, protected, recent)

@@ -37,6 +37,8 @@ from __future__ import annotations
 import itertools
 import json
 import logging
+import select
+import socket
 import threading
 import time
 import uuid
@@ -111,6 +113,10 @@ class ServerConfig(BaseModel):
     max_sessions: int = Field(default=32, ge=1)
     max_new_tokens: int = Field(default=512, ge=1, description="when the request gives no max_tokens")
     max_new_tokens_limit: int = Field(default=8192, ge=1)
+    max_request_seconds: float = Field(
+        default=600.0, gt=0.0, description="a reply stops (finish_reason 'length') once its request has run this long"
+    )
+    max_header_bytes: int = Field(default=256, ge=16, description="longest X-Conversation-Id header")
 
 
 class APIError(Exception):
@@ -225,10 +231,14 @@ class AgentMemServer:
             data = json.loads(body)
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
             raise APIError(400, f"request body is not valid JSON: {exc}", code="invalid_json") from exc
+        except RecursionError:
+            raise APIError(400, "request body is nested too deeply", code="invalid_json") from None
         if not isinstance(data, dict):
             raise APIError(400, "request body must be a JSON object", code="invalid_json")
         try:
             req = ChatCompletionRequest.model_validate(data)
+        except RecursionError:
+            raise APIError(400, "request body is nested too deeply", code="invalid_json") from None
         except ValidationError as exc:
             err = exc.errors()[0]
             loc = ".".join(str(p) for p in err["loc"])
@@ -316,23 +326,31 @@ class AgentMemServer:
     def _run(self, conv, kept, conv_id, first, events, receipts, first_event, t_before) -> Iterator[dict]:
         session = conv.session
         try:
-            result = None
+            text, generated, finish = [], 0, "length"
+            deadline = time.monotonic() + self.config.max_request_seconds
             for ev in itertools.chain([first], events):
-                if ev.kind == "token" and ev.text:
-                    yield {"delta": ev.text}
+                if ev.kind == "token":
+                    generated = ev.generated_tokens
+                    if ev.text:
+                        text.append(ev.text)
+                        yield {"delta": ev.text}
                 elif ev.kind == "done":
-                    result = ev.result
-            conv.history.append(_key({"role": "assistant", "content": result.text}))
+                    generated, finish = ev.result.stats.generated_tokens, ev.result.finish_reason
+                if time.monotonic() > deadline and ev.kind != "done":  # the reply so far is the reply
+                    log.warning("request stopped after max_request_seconds=%s", self.config.max_request_seconds)
+                    events.close()
+                    break
+            conv.history.append(_key({"role": "assistant", "content": "".join(text)}))
             # every token this request read: new messages, generation prompt (not the reply)
-            prompt_tokens = len(session.transcript_ids) - t_before - result.stats.generated_tokens
+            prompt_tokens = len(session.transcript_ids) - t_before - generated
             compactions: list[CompactionEvent] = session.compactions[first_event:]
             st = session.stats
             yield {
-                "finish_reason": "length" if result.finish_reason == "length" else "stop",
+                "finish_reason": "length" if finish == "length" else "stop",
                 "usage": {
                     "prompt_tokens": prompt_tokens,
-                    "completion_tokens": result.stats.generated_tokens,
-                    "total_tokens": prompt_tokens + result.stats.generated_tokens,
+                    "completion_tokens": generated,
+                    "total_tokens": prompt_tokens + generated,
                 },
                 "agentmem": {
                     "conversation_id": conv_id if kept else None,
@@ -356,7 +374,7 @@ class AgentMemServer:
     # -------------------------------------------------------------- HTTP
     def start(self, host: str = "127.0.0.1", port: int = 8000) -> str:
         """Listen in a background thread; returns the base URL (``port=0`` picks a free port)."""
-        self.httpd = ThreadingHTTPServer((host, port), _make_handler(self))
+        self.httpd = _HTTPServer((host, port), _make_handler(self))
         self.httpd.daemon_threads = True
         self._thread = threading.Thread(target=self.httpd.serve_forever, name="agentmem-server", daemon=True)
         self._thread.start()
@@ -369,7 +387,7 @@ class AgentMemServer:
         return f"http://{host}:{port}"
 
     def serve_forever(self, host: str = "127.0.0.1", port: int = 8000) -> None:
-        self.httpd = ThreadingHTTPServer((host, port), _make_handler(self))
+        self.httpd = _HTTPServer((host, port), _make_handler(self))
         self.httpd.daemon_threads = True
         try:
             self.httpd.serve_forever()
@@ -494,8 +512,12 @@ class _Handler(BaseHTTPRequestHandler):
             self._error(APIError(404, f"no route {path!r}", "not_found"))
             return
         try:
+            conv_header = self.headers.get("X-Conversation-Id")
+            if conv_header is not None and len(conv_header) > self.app.config.max_header_bytes:
+                limit = self.app.config.max_header_bytes
+                raise APIError(400, f"X-Conversation-Id is longer than {limit} characters", param="X-Conversation-Id")
             req = self.app.parse(body)
-            chunks = self.app.chat(req, self.headers.get("X-Conversation-Id"))
+            chunks = self.app.chat(req, conv_header)
         except APIError as err:
             self._error(err)
             return
@@ -522,6 +544,9 @@ class _Handler(BaseHTTPRequestHandler):
             for c in chunks:
                 if "delta" in c:
                     text.append(c["delta"])
+                    if self._client_gone():  # nobody to answer: stop generating (what was read stays)
+                        self.close_connection = True
+                        return
                 else:
                     last = c
         except Exception as exc:
@@ -584,6 +609,14 @@ class _Handler(BaseHTTPRequestHandler):
                 pass
             self.close_connection = True
 
+    def _client_gone(self) -> bool:
+        """Whether the client closed its connection (readable with nothing to read)."""
+        try:
+            ready, _, _ = select.select([self.connection], [], [], 0)
+            return bool(ready) and self.connection.recv(1, socket.MSG_PEEK) == b""
+        except (OSError, ValueError):
+            return True
+
     def _event(self, obj: dict) -> None:
         self._write(b"data: " + json.dumps(obj).encode() + b"\n\n")
 
@@ -591,6 +624,13 @@ class _Handler(BaseHTTPRequestHandler):
         """One chunk of the chunked response (empty: the terminating chunk)."""
         self.wfile.write(b"%X\r\n%s\r\n" % (len(data), data))
         self.wfile.flush()
+
+
+class _HTTPServer(ThreadingHTTPServer):
+    """A thread per request; a listen backlog for bursts of clients (the stdlib's default is 5)."""
+
+    request_queue_size = 256
+    daemon_threads = True
 
 
 class _Close(Exception):

@@ -56,6 +56,9 @@ class AgentSession:
         chunk_tokens: longest chunk run through the model at once while reading (capped by the budget).
         positions: how positions stay in range for endless runs (:class:`PositionConfig`).
         seed: seed of the sampler used when ``temperature > 0``.
+        pin_turn: while a chat reply is generated, the user turn it answers stays exact (pinned) if
+            it takes at most this share of the budget (0: never). A reasoning run that compacts its
+            own question cannot answer it (docs/benchmarks/reasoning.md).
     """
 
     def __init__(
@@ -70,11 +73,14 @@ class AgentSession:
         chunk_tokens: int = 256,
         positions: PositionConfig | dict | None = None,
         seed: int = 0,
+        pin_turn: float = 0.5,
     ):
         if max_kv_mb is not None and not max_kv_mb > 0:
             raise BudgetError(f"max_kv_mb must be > 0 (got {max_kv_mb}); use None for an unbounded cache")
         if chunk_tokens < 1:
             raise ValueError(f"chunk_tokens must be >= 1 (got {chunk_tokens})")
+        if not _number(pin_turn) or not 0 <= pin_turn <= 1:
+            raise ValueError(f"pin_turn must be a number in [0, 1] (got {pin_turn!r})")
         if isinstance(model, LoadedModel):
             self._loaded = model
         elif isinstance(model, torch.nn.Module):
@@ -101,6 +107,7 @@ class AgentSession:
         self._generator = torch.Generator(device="cpu").manual_seed(seed)
         self._lock = threading.RLock()
         self._depth = 0  # open all-or-nothing operations (_atomic)
+        self.pin_turn = pin_turn
 
     # ------------------------------------------------------------------ properties
     @property
@@ -240,17 +247,37 @@ class AgentSession:
                 self._generator.set_state(rng)
                 engine.policy = policy
 
+    def _pinned_tokens(self) -> int:
+        return sum(b - a for a, b in self.pinned)
+
     def _pin_ids(self, n: int) -> None:
-        """Pin the next n tokens read; refuses pins the budget could never hold next to a chunk."""
-        protected = sum(b - a for a, b in self.pinned) + self.policy.sinks()
+        """Pin the next n tokens read; refuses pins that would leave the policy no room to work."""
         cap = self.cache.max_tokens()
-        if protected + n + self.policy.min_tokens(1) > cap:
+        if not self.policy.has_room(cap, self._pinned_tokens() + n, self.engine.chunk_tokens):
             raise BudgetError(
-                f"pinning {n} more tokens would leave no room to work: the budget holds {cap} tokens, "
-                f"{protected} are already protected; pin less or raise max_kv_mb"
+                f"pinning {n} more tokens would leave policy {self.policy.name!r} no room to work: the budget "
+                f"holds {cap} tokens, {self._pinned_tokens()} are already pinned; pin less or raise max_kv_mb"
             )
         start = len(self.transcript_ids)
         self.pinned.append((start, start + n))
+
+    def _pin_latest_turn(self) -> tuple[int, int] | None:
+        """Pin the latest user turn for the reply being generated (see ``pin_turn``); returns the
+        range added to the pins (to remove when the reply is done), or None."""
+        turn = self.latest_turn
+        if turn is None or turn[1] <= turn[0] or turn in self.pinned or self.pin_turn <= 0:
+            return None
+        cap = self.cache.max_tokens()
+        if turn[1] - turn[0] > self.pin_turn * cap:
+            return None
+        if not self.policy.has_room(cap, self._pinned_tokens() + turn[1] - turn[0]):
+            return None
+        self.pinned.append(turn)
+        return turn
+
+    def _unpin(self, turn: tuple[int, int] | None) -> None:
+        if turn is not None and turn in self.pinned:
+            self.pinned.remove(turn)
 
     # ------------------------------------------------------------------ public: reading
     def append(self, text: str, role: str | None = None, pin: bool = False) -> None:
@@ -378,8 +405,10 @@ class AgentSession:
         """The generation loop. ``chat``: new messages to render (their ids replace ``ids``); the reply
         then joins the history, also when the caller stops reading early (what was generated stays)."""
         with self._lock, self._atomic():
+            turn = None
             if chat is not None:
                 ids = self._chat_ids(chat, add_generation_prompt=True)
+                turn = self._pin_latest_turn() if any(m["role"] == "user" for m in chat) else None
             d = _Decoding(self, ids, max_new_tokens, temperature, top_p, stop, ignore_eos)
             try:
                 logits = d.prefill()
@@ -397,6 +426,8 @@ class AgentSession:
                 if chat is not None and d.generated and (not self.messages or self.messages[-1]["role"] != "assistant"):
                     self._record_reply(d.result())
                 raise
+            finally:
+                self._unpin(turn)
 
     @staticmethod
     def _collect(events: Iterator[StreamEvent]) -> GenerationResult:
@@ -599,6 +630,10 @@ def generate_batch(
             s._chat_ids(list(p), add_generation_prompt=True) if chat else s._prompt_ids(p)
             for s, p, chat in zip(sessions, prompts, chats)
         ]
+        turns = [
+            s._pin_latest_turn() if chat and any(m["role"] == "user" for m in p) else None
+            for s, p, chat in zip(sessions, prompts, chats)
+        ]
         decodings = [
             _Decoding(s, i, max_new_tokens, temperature, top_p, stop, ignore_eos) for s, i in zip(sessions, ids)
         ]
@@ -623,9 +658,10 @@ def generate_batch(
             for b in active:
                 decodings[b].accept(logits[b])
         results = [d.result() for d in decodings]
-        for s, chat, r in zip(sessions, chats, results):
+        for s, chat, r, turn in zip(sessions, chats, results, turns):
             if chat:
                 s._record_reply(r)
+            s._unpin(turn)
         return results
 
 

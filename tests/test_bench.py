@@ -68,13 +68,15 @@ def test_quick_reasoning_benchmark_is_well_formed(tmp_path):
     assert reasoning.main(["--quick", "--out", str(tmp_path), "--no-progress"]) == 0
     data = json.loads((tmp_path / "reasoning_quick.json").read_text())
     labels = {s["condition"] for s in data["summary"]}
-    expected = {"unbounded", "cut @128"} | {f"{m} @128" for m in reasoning.METHODS}
+    (budget,) = data["budgets_tokens"]
+    expected = {"unbounded", f"cut @{budget}"} | {f"{m} @{budget}" for m in reasoning.METHODS}
     assert labels == expected
     for s in data["summary"]:
-        assert s["n"] == 2 and 0 <= s["accuracy"] <= 1 and s["within_budget"], s
+        assert s["n"] == 4 and s["prompts"] == 2 and 0 <= s["accuracy"] <= 1 and s["within_budget"], s
         assert s["interval"][0] <= s["accuracy"] <= s["interval"][1]
-    am = next(s for s in data["summary"] if s["condition"] == "am-halve @128")
+    am = next(s for s in data["summary"] if s["condition"] == f"am-halve @{budget}")
     assert am["compactions_min"] >= 1 and am["peak_kv_bytes"] <= am["max_kv_bytes"]
     fid = data["fidelity"]["summary"]
-    assert all(0 <= fid[f"{m} @128"]["agreement"] <= 1 and fid[f"{m} @128"]["kl"] >= 0 for m in reasoning.METHODS)
+    for m in reasoning.METHODS:
+        assert 0 <= fid[f"{m} @{budget}"]["agreement"] <= 1 and fid[f"{m} @{budget}"]["kl"] >= 0
     assert (tmp_path / "reasoning_quick.png").stat().st_size > 10_000

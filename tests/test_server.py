@@ -220,3 +220,54 @@ def test_new_messages_rule():
     assert new_messages([k("user", "a"), k("assistant", "b")], msgs) == msgs[2:]  # full history sent
     assert new_messages([k("user", "a"), k("assistant", "b")], msgs[2:]) == msgs[2:]  # only the new turn sent
     assert new_messages([k("user", "z")], msgs) == msgs  # not a prefix: all taken as new
+
+
+# ---------------------------------------------------------------- limits (reliability)
+def _post(server, body: dict | bytes, headers: dict | None = None):
+    raw = body if isinstance(body, bytes) else json.dumps(body).encode()
+    return _raw(server, "POST", "/v1/chat/completions", raw, {"Content-Type": "application/json", **(headers or {})})
+
+
+def test_fifty_clients_at_once_are_all_answered(server):
+    """A burst of 50 connections (the stdlib's listen backlog of 5 reset most of them)."""
+    barrier, statuses = threading.Barrier(50), []
+
+    def one(i: int) -> None:
+        barrier.wait()
+        try:
+            status, _, _ = _post(server, {"model": "tiny-llama", "messages": [{"role": "user", "content": f"hi {i}"}]})
+        except OSError as exc:
+            status = repr(exc)
+        statuses.append(status)
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(50)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=300)
+    assert statuses == [200] * 50
+
+
+def test_nested_json_and_long_headers_are_400(server, client):
+    deep = b'{"model": "tiny-llama", "messages": ' + b"[" * 20_000 + b"]" * 20_000 + b"}"
+    status, _, raw = _post(server, deep)
+    assert status == 400 and "nested too deeply" in json.loads(raw)["error"]["message"]
+    ok = {"model": "tiny-llama", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+    status, _, raw = _post(server, ok, {"X-Conversation-Id": "x" * 8000})
+    assert status == 400 and json.loads(raw)["error"]["param"] == "X-Conversation-Id"
+    status, _, _ = _post(server, ok, {"X-Conversation-Id": "x" * 200})
+    assert status == 200
+
+
+def test_requests_stop_at_the_time_limit(loaded):
+    app = AgentMemServer(loaded, max_kv_mb=0.25, max_new_tokens=400, max_request_seconds=0.05)
+    app.start(port=0)
+    try:
+        req = {"model": "tiny-llama", "messages": [{"role": "user", "content": "count"}], "stream": False}
+        req["max_tokens"] = 400
+        status, _, raw = _post(app, req)
+        body = json.loads(raw)
+        assert status == 200 and body["choices"][0]["finish_reason"] == "length"
+        assert body["usage"]["completion_tokens"] < 400
+    finally:
+        app.shutdown()

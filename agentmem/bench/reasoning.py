@@ -1,28 +1,33 @@
 """Long reasoning under a fixed budget, judged on answers.
 
-Seeded word problems (bench/problems.py, reasoning-gym's ``gsm_symbolic``) are solved step by step
-with greedy decoding by a model that can do them (default ``qwen2.5-coder-0.5b``), under every
-condition at the same physical budget of L tokens of KV (``--budgets``, converted to
-``max_kv_mb`` with the model's real bytes per token):
+Seeded prompts (bench/problems.py, reasoning-gym generators) are solved step by step with greedy
+decoding by a model that can do them (default ``qwen2.5-coder-0.5b``). By default a prompt holds six
+short ``chain_sum`` problems to be solved in turn: the trace is ~4x the question, and problem k must
+be read back from a memory the work on problems 1..k-1 has filled. ``--dataset gsm_symbolic
+--per-prompt 1`` runs single word problems instead. Every condition runs at the same physical budget
+of L tokens of KV (``--budgets``, converted to ``max_kv_mb`` with the model's real bytes per token):
 
 * ``unbounded`` (no budget), the reference;
 * the policies ``truncate``, ``streaming``, ``h2o``, ``snapkv``, ``kvzip`` (its online path) and
   ``am-halve`` (Attention Matching halvings), which compact online whenever the budget fills --
   the question, read first, is compacted like everything else;
 * ``cut L(1+k/2)``: the unbounded run cut at L(1 + k/2) tokens, k = the number of halvings
-  ``am-halve`` made on that problem, then forced to answer (the paper's effective-length view).
+  ``am-halve`` made on that prompt (the paper's effective-length view); a one-problem run is then
+  forced to answer, a multi-problem one keeps the answers it gave before the cut.
 
-A run that reaches ``--max-new-tokens`` without an answer is forced to give one (``Final answer:
-\\boxed{``). Reported per condition: accuracy with its 95% Wilson interval, the paired difference to
-the unbounded run on the same problems (95% interval), compactions per problem, peak KV against the
-budget, and batched decode throughput including compaction time. Cheap low-variance fidelity, on
-``--fidelity-problems`` problems: each condition is teacher-forced on the unbounded run's own
-trace (in blocks of ``--fidelity-block`` tokens) next to an unbounded session; top-1 agreement and
-KL(unbounded || condition) per token, by the number of compactions so far, and the log-probability
-of the correct answer after the trace. Sessions decode in batches (``agentmem.session.generate_batch``):
-each session's budget and compactions are its own, the matrix products are shared.
+A one-problem run that reaches ``--max-new-tokens`` without an answer is forced to give one
+(``Final answer: \\boxed{``); in a multi-problem run an unanswered problem is wrong. Reported per
+condition: accuracy over sub-problems with its 95% interval (clustered by prompt), the paired
+difference to the unbounded run on the same problems (95% interval, clustered), compactions per
+prompt, peak KV against the budget, and batched decode throughput including compaction time. Cheap
+low-variance fidelity, on ``--fidelity-problems`` prompts: each condition is teacher-forced on the
+unbounded run's own trace (in blocks of ``--fidelity-block`` tokens) next to an unbounded session;
+top-1 agreement and KL(unbounded || condition) per token, by the number of compactions so far, and
+the log-probability of the correct answers. Sessions decode in batches
+(``agentmem.session.generate_batch``): each session's budget and compactions are its own, the
+matrix products are shared.
 
-    agentmem bench reasoning [--quick] [--problems 48] [--budgets 128 256] [--methods ...]
+    agentmem bench reasoning [--quick] [--problems 24] [--budgets 288 384] [--compact-question] [--methods ...]
 """
 
 from __future__ import annotations
@@ -41,7 +46,7 @@ from ..engine import forward_batch
 from ..models import load_model
 from ..session import AgentSession, generate_batch
 from .common import environment, write_report
-from .problems import FORCE_ANSWER, Problem, extract_answer, is_correct, paired_difference, problems, wilson
+from .problems import FORCE_ANSWER, Problem, answer_spans, answers_in, clustered_wilson, paired_difference, problems
 
 METHODS = ["truncate", "streaming", "h2o", "snapkv", "kvzip", "am-halve"]
 MiB = 2**20
@@ -51,6 +56,7 @@ MiB = 2**20
 class Condition:
     method: str  # a policy name, "unbounded" or "cut"
     budget: int | None  # physical budget in tokens (None: unbounded)
+    pin_turn: float = 0.5  # AgentSession(pin_turn=...): 0 compacts the question like everything else
 
     @property
     def label(self) -> str:
@@ -89,17 +95,15 @@ def policy_of(method: str) -> str | dict:
 def _session(loaded, cond: Condition) -> AgentSession:
     if cond.budget is None:
         return AgentSession(model=loaded, max_kv_mb=None)
-    return AgentSession(model=loaded, max_kv_mb=budget_mb(loaded, cond.budget), policy=policy_of(cond.method))
+    mb = budget_mb(loaded, cond.budget)
+    return AgentSession(model=loaded, max_kv_mb=mb, policy=policy_of(cond.method), pin_turn=cond.pin_turn)
 
 
 def _outcome(session: AgentSession, problem: Problem, text: str, finish: str, generated: list[int]) -> dict:
     st = session.stats
-    answer = extract_answer(text)
     return {
         "problem": problem.index,
-        "answer": answer,
-        "gold": problem.answer,
-        "correct": is_correct(answer, problem.answer),
+        **_graded(problem, text),
         "finish": finish,
         "generated_tokens": len(generated),
         "compactions": len(st.compactions),
@@ -108,6 +112,15 @@ def _outcome(session: AgentSession, problem: Problem, text: str, finish: str, ge
         "max_kv_bytes": st.max_kv_bytes,
         "within_budget": st.max_kv_bytes is None or st.peak_kv_bytes <= st.max_kv_bytes,
         "physical_tokens": st.physical_tokens,
+    }
+
+
+def _graded(problem: Problem, text: str) -> dict:
+    """The answers found in ``text`` and, per sub-problem, whether each is correct."""
+    return {
+        "answers": answers_in(text, len(problem.answers)),
+        "gold": list(problem.answers),
+        "correct": problem.grade(text),
     }
 
 
@@ -132,7 +145,13 @@ def decode(loaded, cond: Condition, probs: list[Problem], max_new: int, batch: i
         results = generate_batch(sessions, [p.messages() for p in part], max_new_tokens=max_new)
         texts = [r.text for r in results]
         tokens += sum(r.stats.generated_tokens for r in results)
-        need = [i for i, r in enumerate(results) if r.finish_reason == "length" and "\\boxed{" not in r.text]
+        # a one-problem run cut off before its answer is asked for one; a multi-problem run is not
+        # (what it did not answer is wrong)
+        need = [
+            i
+            for i, (p, r) in enumerate(zip(part, results))
+            if len(p.answers) == 1 and r.finish_reason == "length" and "\\boxed{" not in r.text
+        ]
         _force_answers(sessions, texts, need)
         for i, (p, s, r) in enumerate(zip(part, sessions, results)):
             rows[p.index] = _outcome(s, p, texts[i], r.finish_reason, r.token_ids)
@@ -160,6 +179,7 @@ def effective_length(loaded, budget: int, unbounded: dict, halvings: dict, probs
     rows = []
     t0 = time.perf_counter()
     by_index = {r["problem"]: r for r in unbounded["rows"]}
+    per_token = AgentSession(model=loaded, max_kv_mb=None).cache.bytes_per_token()
     for p in probs:
         k = halvings[p.index]
         prompt = prompt_ids(loaded, p)
@@ -168,13 +188,15 @@ def effective_length(loaded, budget: int, unbounded: dict, halvings: dict, probs
         row = dict(by_index[p.index])
         row.update(cut_tokens=cut, halvings=k, compactions=0, compaction_seconds=0.0, forced=False)
         if len(prompt) + len(trace) > cut:
-            s = AgentSession(model=loaded, max_kv_mb=None)
-            s.append_tokens(prompt + trace[: cut - len(prompt)])
-            r = s.generate(FORCE_ANSWER, max_new_tokens=12)
-            text = loaded.tokenizer.decode(trace[: cut - len(prompt)], skip_special_tokens=True) + FORCE_ANSWER + r.text
-            answer = extract_answer(text)
-            row.update(answer=answer, correct=is_correct(answer, p.answer), forced=True, finish="cut")
-            row.update(generated_tokens=cut - len(prompt), peak_kv_bytes=s.stats.peak_kv_bytes)
+            text = loaded.tokenizer.decode(trace[: cut - len(prompt)], skip_special_tokens=True)
+            peak = cut * per_token  # the payload of the cut trace (no session runs it)
+            if len(p.answers) == 1:  # asked for its answer; a multi-problem run keeps what it answered
+                s = AgentSession(model=loaded, max_kv_mb=None)
+                s.append_tokens(prompt + trace[: cut - len(prompt)])
+                text += FORCE_ANSWER + s.generate(FORCE_ANSWER, max_new_tokens=12).text
+                peak = s.stats.peak_kv_bytes
+            row.update(_graded(p, text), forced=len(p.answers) == 1, finish="cut")
+            row.update(generated_tokens=cut - len(prompt), peak_kv_bytes=peak)
         rows.append(row)
         bar.update(1)
     return {
@@ -200,22 +222,49 @@ def _answer_prefix(tokenizer, trace: list[int]) -> list[int]:
     return trace[:j] + (list(tokenizer(rest, add_special_tokens=False)["input_ids"]) if rest else [])
 
 
+def teacher_tokens(tokenizer, trace: list[int], problem: Problem, correct: list[bool]) -> tuple[list[int], int, list]:
+    """What a condition reads after the prompt when teacher-forced on the unbounded ``trace``:
+    (tokens, how many of them are the trace's, groups of token indices that spell a correct answer).
+
+    One problem: the trace up to its last ``\\boxed{``, then the gold answer (counted when the
+    unbounded run was right: after a wrong trace, forgetting it can make the gold likelier). Several:
+    the whole trace; each answer box of a sub-problem the unbounded run got right is a group.
+    """
+    if len(problem.answers) == 1:
+        prefix = _answer_prefix(tokenizer, trace)
+        gold = list(tokenizer(f"{problem.answers[0]}}}", add_special_tokens=False)["input_ids"])
+        groups = [list(range(len(prefix), len(prefix) + len(gold)))] if correct[0] else []
+        return prefix + gold, len(prefix), groups
+    text = tokenizer.decode(trace, skip_special_tokens=True)
+    starts = [len(tokenizer.decode(trace[:j], skip_special_tokens=True)) for j in range(len(trace))]
+    groups = []
+    for ok, span in zip(correct, answer_spans(text, len(problem.answers))):
+        if ok and span is not None:
+            idx = [j for j, c in enumerate(starts) if span[0] <= c < span[1]]
+            if idx:
+                groups.append(idx)
+    return list(trace), len(trace), groups
+
+
 def fidelity(
     loaded, conds: list[Condition], probs: list[Problem], traces: dict, correct: dict, block: int, bar
 ) -> dict:
     """Teacher-forced on the unbounded traces: per condition, top-1 agreement and KL per token vs an
-    unbounded session reading the same tokens, and log p(correct answer | trace) on the problems the
-    unbounded run solved (after a wrong trace, forgetting it can make the correct answer likelier)."""
+    unbounded session reading the same tokens, and the mean log-probability of a correct answer
+    (summed over its tokens) where the unbounded run answered correctly (:func:`teacher_tokens`)."""
     out = {c.label: {"agree": [], "kl": [], "by_k": {}, "answer_logprob": []} for c in conds}
     out["unbounded"] = {"answer_logprob": []}
     for p in probs:
         prompt = prompt_ids(loaded, p)
-        prefix = _answer_prefix(loaded.tokenizer, traces[p.index])
-        gold = list(loaded.tokenizer(f"{p.answer}}}", add_special_tokens=False)["input_ids"])
-        seq = prompt + prefix + gold
+        tail, n_trace, groups = teacher_tokens(loaded.tokenizer, traces[p.index], p, correct[p.index])
+        group_of = {t: gi for gi, g in enumerate(groups) for t in g}
+        seq = prompt + tail
         sessions = [AgentSession(model=loaded, max_kv_mb=None)] + [_session(loaded, c) for c in conds]
+        for s in sessions[1:]:  # the question stays exact as when the session chats (pin_turn)
+            if len(prompt) <= s.pin_turn * s.cache.max_tokens():
+                s.pinned.append((0, len(prompt)))
         engines = [s.engine for s in sessions]
-        answer_lp = [0.0] * len(sessions)
+        answer_lp = [[0.0] * len(sessions) for _ in groups]
         for start in range(0, len(seq) - 1, block):
             chunk = seq[start : min(start + block, len(seq) - 1)]
             for e in engines:
@@ -225,11 +274,14 @@ def fidelity(
             logp = torch.log_softmax(torch.stack(logits), dim=-1)  # (R, n, V)
             targets = torch.tensor(seq[start + 1 : start + 1 + len(chunk)])
             for i in range(len(chunk)):
-                g = start + 1 + i  # index of the token predicted
-                if g >= len(prompt) + len(prefix):  # the correct answer's tokens
+                t = start + 1 + i - len(prompt)  # index in tail of the token predicted
+                if t < 0:
+                    continue
+                if t in group_of:
                     lp = logp[:, i, targets[i]].tolist()
-                    answer_lp = [a + b for a, b in zip(answer_lp, lp)]
-                elif g >= len(prompt):  # the trace
+                    row = answer_lp[group_of[t]]
+                    row[:] = [a + b for a, b in zip(row, lp)]
+                if t < n_trace:  # the trace itself
                     ref = logp[0, i]
                     kl = (ref.exp() * (ref - logp[1:, i])).sum(-1).tolist()
                     top = (logp[1:, i].argmax(-1) == ref.argmax()).tolist()
@@ -238,19 +290,19 @@ def fidelity(
                         o["kl"].append(kl_c)
                         o["agree"].append(float(top_c))
                         o["by_k"].setdefault(min(k, 6), []).append(kl_c)
-        if correct[p.index]:
-            out["unbounded"]["answer_logprob"].append(answer_lp[0])
-            for c, lp in zip(conds, answer_lp[1:]):
+        for row in answer_lp:
+            out["unbounded"]["answer_logprob"].append(row[0])
+            for c, lp in zip(conds, row[1:]):
                 out[c.label]["answer_logprob"].append(lp)
         bar.update(1)
     summary = {}
     for label, o in out.items():
-        row = {"answer_logprob": _mean(o["answer_logprob"])}
+        row = {"answer_logprob": _mean(o["answer_logprob"]), "answers": len(o["answer_logprob"])}
         if "kl" in o:
             row.update(agreement=_mean(o["agree"]), kl=_mean(o["kl"]), tokens=len(o["kl"]))
             row["kl_by_compactions"] = {str(k): _mean(v) for k, v in sorted(o["by_k"].items())}
         summary[label] = row
-    solved = [p.index for p in probs if correct[p.index]]
+    solved = [p.index for p in probs if any(correct[p.index])]
     return {"problems": [p.index for p in probs], "solved": solved, "block": block, "summary": summary}
 
 
@@ -259,22 +311,25 @@ def _mean(xs: list[float]) -> float | None:
 
 
 def summarize(run: dict, unbounded: dict) -> dict:
+    """Accuracy over sub-problems, interval clustered by prompt, paired difference to unbounded."""
     correct = [r["correct"] for r in run["rows"]]
     base = [r["correct"] for r in unbounded["rows"]]
-    n, k = len(correct), sum(correct)
-    lo, hi = wilson(k, n)
+    n, k = sum(len(c) for c in correct), sum(sum(c) for c in correct)
+    lo, hi = clustered_wilson(correct)
     d, dlo, dhi = paired_difference(correct, base)
     comp = [r["compactions"] for r in run["rows"]]
+    same = sum(x == y for a, b in zip(run["rows"], unbounded["rows"]) for x, y in zip(a["answers"], b["answers"]))
     return {
         "condition": run["condition"],
         "method": run["method"],
         "budget_tokens": run["budget_tokens"],
         "n": n,
+        "prompts": len(correct),
         "accuracy": k / n if n else 0.0,
         "interval": [lo, hi],
         "vs_unbounded": [d, dlo, dhi],
-        "same_answer": sum(a["answer"] == b["answer"] for a, b in zip(run["rows"], unbounded["rows"])) / max(1, n),
-        "compactions_mean": sum(comp) / max(1, n),
+        "same_answer": same / max(1, n),
+        "compactions_mean": sum(comp) / max(1, len(comp)),
         "compactions_min": min(comp, default=0),
         "forced": sum(r.get("forced", False) for r in run["rows"]),
         "within_budget": all(r["within_budget"] for r in run["rows"]),
@@ -287,8 +342,9 @@ def summarize(run: dict, unbounded: dict) -> dict:
 
 def run(args) -> dict:
     loaded = load_model(args.model, device=args.device)
-    probs = problems(args.problems, args.seed, args.dataset)
-    conds = [Condition(m, b) for b in args.budgets for m in args.methods]
+    probs = problems(args.problems, args.seed, args.dataset, args.per_prompt)
+    pin = 0.0 if args.compact_question else 0.5
+    conds = [Condition(m, b, pin) for b in args.budgets for m in args.methods]
     total = len(probs) * (1 + len(conds)) + len(probs) * len(args.budgets) + args.fidelity_problems
     bar = tqdm(total=total, desc="bench reasoning", unit="run", disable=args.no_progress)
     t0 = time.perf_counter()
@@ -322,6 +378,8 @@ def run(args) -> dict:
     return {
         "model": loaded.name,
         "dataset": args.dataset,
+        "per_prompt": args.per_prompt,
+        "question": "compacted" if args.compact_question else "pinned while answered (pin_turn=0.5)",
         "seed": args.seed,
         "problems": len(probs),
         "budgets_tokens": args.budgets,
@@ -345,12 +403,18 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     )
     p.add_argument("--model", default="qwen2.5-coder-0.5b")
     p.add_argument("--device", default=None)
-    p.add_argument("--dataset", default="gsm_symbolic", help="a reasoning-gym generator")
+    p.add_argument("--dataset", default="chain_sum", help="a reasoning-gym generator")
+    p.add_argument("--per-prompt", type=int, default=6, help="problems per prompt, solved in turn (1: one problem)")
     p.add_argument("--seed", type=int, default=2026)
     p.add_argument("--problems", type=int, default=48)
-    p.add_argument("--budgets", type=int, nargs="+", default=[128, 256], help="physical budgets L, in tokens")
+    p.add_argument("--budgets", type=int, nargs="+", default=[288, 384], help="physical budgets L, in tokens")
+    p.add_argument(
+        "--compact-question",
+        action="store_true",
+        help="compact the question like everything else (AgentSession(pin_turn=0)); default: it stays exact",
+    )
     p.add_argument("--methods", nargs="+", default=METHODS)
-    p.add_argument("--max-new-tokens", type=int, default=384)
+    p.add_argument("--max-new-tokens", type=int, default=640)
     p.add_argument("--batch", type=int, default=24, help="sessions decoded in one batched call")
     p.add_argument("--fidelity-problems", type=int, default=12)
     p.add_argument("--fidelity-block", type=int, default=16)
@@ -360,7 +424,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--name", default=None)
     args = p.parse_args(argv)
     if args.quick:
-        args.problems, args.budgets, args.max_new_tokens = min(args.problems, 2), args.budgets[:1], 40
+        args.problems, args.per_prompt, args.budgets, args.max_new_tokens = min(args.problems, 2), 2, [96], 48
         args.fidelity_problems, args.batch = min(args.fidelity_problems, 1), min(args.batch, 12)
     args.fidelity_problems = min(args.fidelity_problems, args.problems)
     args.name = args.name or ("reasoning_quick" if args.quick else "reasoning")

@@ -14,23 +14,31 @@ def _lp(row: dict) -> str:
 
 
 def to_markdown(data: dict, plot_name: str) -> str:
-    n = data["problems"]
+    n, k = data["problems"], data.get("per_prompt", 1)
     mbs = ", ".join(f"L={b} tokens = {float(mb):.2f} MiB" for b, mb in data["budgets_mb"].items())
+    what = f"{n} prompts of {k} `{data['dataset']}` problems" if k > 1 else f"{n} `{data['dataset']}` problems"
     lines = [
-        f"# Reasoning under a fixed KV budget: `{data['model']}`, {n} `{data['dataset']}` problems",
+        f"# Reasoning under a fixed KV budget: `{data['model']}`, {what}",
         "",
-        f"Greedy decoding, at most {data['max_new_tokens']} new tokens (then a forced `Final answer: \\boxed{{`); "
-        f"every condition solves the same seeded problems (seed {data['seed']}) at the same physical budget "
-        f"({mbs}; {data['bytes_per_token']:,} bytes of KV a token). `cut @L`: the unbounded run cut at "
-        "L(1 + k/2) tokens, k = the halvings `am-halve` made on that problem, then forced to answer. "
-        "Accuracy with its 95% Wilson interval; *vs unbounded*: the paired difference on the same problems "
+        f"Greedy decoding, at most {data['max_new_tokens']} new tokens; every condition solves the same seeded "
+        f"problems (seed {data['seed']}) at the same physical budget ({mbs}; {data['bytes_per_token']:,} bytes "
+        "of KV a token). "
+        + (
+            f"Each prompt asks for {k} problems to be solved in turn, each answer in its own box: problem j has "
+            "to be read back from memory after the work on the problems before it. Accuracy counts problems, "
+            "its 95% interval is clustered by prompt. "
+            if k > 1
+            else "A run that reaches the limit without an answer is forced to give one. "
+        )
+        + "`cut @L`: the unbounded run cut at L(1 + k/2) tokens, k = the halvings `am-halve` made on that "
+        "prompt (the paper's effective-length view). *vs unbounded*: the paired difference on the same problems "
         "(95% interval); *same answer*: share of problems answered exactly as the unbounded run did; "
         f"tok/s: batched decode ({data['batch']} sessions per call) including compaction time; "
         "*compacting*: share of that time spent compacting.",
         "",
         f"![accuracy vs budget]({plot_name})",
         "",
-        "| condition | accuracy % [95% CI] | vs unbounded, points [95% CI] | same answer | compactions / problem "
+        "| condition | accuracy % [95% CI] | vs unbounded, points [95% CI] | same answer | compactions / prompt "
         "(min) | forced | peak KiB / budget KiB | tok/s | compacting |",
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
@@ -57,8 +65,8 @@ def to_markdown(data: dict, plot_name: str) -> str:
             "",
             "Each condition reads the unbounded run's own reasoning next to an unbounded session; top-1 "
             "agreement and KL(unbounded || condition) per trace token, KL by the number of compactions made "
-            "so far, and the mean log-probability of the correct answer's tokens after the trace's `\\boxed{` "
-            f"(on the {len(fid.get('solved', []))} of these problems the unbounded run solved).",
+            "so far, and the mean log-probability of a correct answer (summed over its tokens) where the "
+            f"unbounded run answered correctly ({fid['summary']['unbounded'].get('answers', 0)} answers).",
             "",
             f"| condition | top-1 agreement | KL | {head} | log p(correct answer) |",
             "|---|---:|---:|" + "---:|" * len(ks) + "---:|",
@@ -79,7 +87,7 @@ def to_markdown(data: dict, plot_name: str) -> str:
         f"{env['torch']}, transformers {env['transformers']}; the whole run took {data['seconds'] / 60:.1f} min.",
     ]
     if sample:
-        lines.append(f"First problem: gold {sample['gold']}, unbounded answer {sample['answer']}.")
+        lines.append(f"First prompt: gold {sample['gold']}, unbounded answers {sample['answers']}.")
     lines += ["", f"Command: `{data['command']}`", ""]
     return "\n".join(lines)
 
@@ -109,7 +117,8 @@ def reasoning_plot(data: dict, path: Path) -> Path:
         ax.errorbar(x, y, yerr=err, marker="o", capsize=3, label=method, **style)
     ax.set_xlabel("physical KV budget L (tokens)")
     ax.set_ylabel("accuracy (%)")
-    ax.set_title(f"{data['model']}: {data['problems']} {data['dataset']} problems")
+    k = data.get("per_prompt", 1)
+    ax.set_title(f"{data['model']}: {data['problems']} x {k} {data['dataset']} problems")
     ax.legend(fontsize=8)
     fid = data.get("fidelity")
     if fid:

@@ -103,6 +103,8 @@ class QueryBuffer:
         self.seen = [0] * num_layers  # query tokens offered per layer
         self.enabled = True
         self._gen = torch.Generator().manual_seed(seed)
+        self._undo: list | None = None  # rows overwritten since begin() (None: no transaction open)
+        self._marks: tuple | None = None
 
     @property
     def nbytes(self) -> int:
@@ -120,6 +122,7 @@ class QueryBuffer:
             q, pos = q[-cap:], pos[-cap:]
             k = q.shape[0]
             start = self.seen[layer] % cap
+            self._save_rows(layer, (torch.arange(k, device=self.data.device) + start) % cap)
             first = min(k, cap - start)
             self.data[layer, start : start + first] = q[:first]
             self.pos[layer, start : start + first] = pos[:first]
@@ -136,6 +139,7 @@ class QueryBuffer:
             if rows:
                 dst = torch.tensor(list(rows.keys()), device=q.device)
                 src = torch.tensor(list(rows.values()), device=q.device)
+                self._save_rows(layer, dst)
                 self.data[layer, dst] = q[src]
                 self.pos[layer, dst] = pos[src]
             self.filled[layer] = min(cap, seen + n)
@@ -154,28 +158,42 @@ class QueryBuffer:
 
     def rotate(self, delta: int, inv_freq: list[torch.Tensor]) -> None:
         """Follow a re-basing of the keys (every key moved by ``delta`` positions)."""
+        if self._undo is not None:  # rare (a re-basing): keep the whole content
+            self._undo.append((None, None, self.data.clone(), self.pos.clone()))
         for layer in range(self.data.shape[0]):
             if self.filled[layer]:
                 self.data[layer] = rotate_queries(self.data[layer], delta, inv_freq[layer])
         self.pos += delta
 
-    def snapshot(self) -> tuple:
-        """A copy of the content, on its device (for :meth:`restore`)."""
-        return (
-            self.data.clone(),
-            self.pos.clone(),
-            list(self.filled),
-            list(self.seen),
-            self._gen.get_state(),
-            self.enabled,
-        )
+    # ------------------------------------------------------------------ transactions
+    def begin(self) -> None:
+        """Start recording what changes, so :meth:`abort` can put it back. Only rows about to be
+        overwritten are copied (a token's worth per layer when decoding), not the whole buffer."""
+        self._undo = []
+        self._marks = (list(self.filled), list(self.seen), self._gen.get_state(), self.enabled)
 
-    def restore(self, state: tuple) -> None:
-        data, pos, filled, seen, rng, enabled = state
-        self.data.copy_(data)
-        self.pos.copy_(pos)
-        self.filled, self.seen, self.enabled = list(filled), list(seen), enabled
+    def commit(self) -> None:
+        self._undo = self._marks = None
+
+    def abort(self) -> None:
+        """Put back what the buffer held at :meth:`begin` (newest change undone first)."""
+        if self._undo is None:
+            return
+        for layer, rows, data, pos in reversed(self._undo):
+            if layer is None:  # a rotation of every layer
+                self.data.copy_(data)
+                self.pos.copy_(pos)
+            else:
+                self.data[layer, rows] = data
+                self.pos[layer, rows] = pos
+        self.filled, self.seen, rng, self.enabled = self._marks
+        self.filled, self.seen = list(self.filled), list(self.seen)
         self._gen.set_state(rng)
+        self._undo = self._marks = None
+
+    def _save_rows(self, layer: int, rows: torch.Tensor) -> None:
+        if self._undo is not None:
+            self._undo.append((layer, rows, self.data[layer, rows].clone(), self.pos[layer, rows].clone()))
 
     def copy(self) -> QueryBuffer:
         """An independent buffer with the same content."""
@@ -183,6 +201,7 @@ class QueryBuffer:
         other.data, other.pos = self.data.clone(), self.pos.clone()
         other.filled, other.seen = list(self.filled), list(self.seen)
         other._gen = torch.Generator().set_state(self._gen.get_state())
+        other._undo = other._marks = None
         return other
 
     def rows_in_order(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
