@@ -28,12 +28,12 @@ sampled weights), ``cache`` (logical length, position offset, peak and current b
 layer the per-head ``lengths`` and ``caps``), ``query_buffer`` (mode, capacity, filled / seen per
 layer; null without a buffer), ``policy`` (the policy config, pydantic ``model_dump``), ``positions``,
 ``max_kv_bytes``, ``chunk_tokens``, ``session`` (``pending`` tokens, ``started``, chat ``messages``,
-``chat_text``, ``tools``, ``latest_turn``, ``pinned`` ranges, ``pin_turn``, ``compactions``: the ledger as
-``CompactionEvent.as_dict``, and ``transcript_text``: the raw text of everything read or generated,
-for people and tools), ``stats``
-(informational) and ``agentmem_version``.
+``chat_text``, ``tools``, ``latest_turn``, ``pinned`` ranges, ``pin_turn``, ``archive``: the tool
+outputs recall() may search, ``compactions``: the ledger as ``CompactionEvent.as_dict``, and
+``transcript_text``: the raw text of everything read or generated, for people and tools),
+``stats`` (informational) and ``agentmem_version``.
 
-Writes are atomic: the file is written under a temporary name in the same directory, synced, then
+Writes are atomic: the file is written in a temporary directory next to the target, synced, then
 ``os.replace``-d over the target; a failed save leaves an existing file untouched.
 """
 
@@ -57,6 +57,7 @@ from .events import CompactionEvent
 from .files import atomic_write
 from .models import _EMBEDDED_HINTS, LoadedModel
 from .positions import PositionConfig
+from .recall import Archived
 
 if TYPE_CHECKING:
     from .session import AgentSession
@@ -256,6 +257,7 @@ def session_state(session: AgentSession) -> tuple[dict[str, torch.Tensor], dict]
             "latest_turn": getattr(session, "latest_turn", None),
             "pinned": [list(r) for r in engine.pinned],
             "pin_turn": session.pin_turn,
+            "archive": [[a.name, a.start, a.end] for a in session.archive],
             "compactions": [e.as_dict() for e in engine.compactions],
             "transcript_text": session.transcript(),
         },
@@ -300,6 +302,7 @@ class _Parsed:
         self.tools = s.get("tools")
         self.latest_turn = tuple(s["latest_turn"]) if s.get("latest_turn") is not None else None
         self.pinned = [(int(a), int(b)) for a, b in s["pinned"]]
+        self.archive = [Archived(str(n), int(a), int(b)) for n, a, b in s.get("archive", [])]
         self.pin_turn = float(s.get("pin_turn", 0.5))
         if not 0 <= self.pin_turn <= 1:
             raise ValueError(f"pin_turn {self.pin_turn} outside [0, 1]")
@@ -323,7 +326,7 @@ def _check_consistent(tensors: dict[str, torch.Tensor], meta: dict, parsed: _Par
         if name.startswith("cache.layers.") and name.endswith(".tok") and t.numel():
             if int(t.min()) < 0 or int(t.max()) >= logical:
                 raise ValueError(f"{name} holds token indices outside [0, {logical})")
-    for a, b in parsed.pinned:
+    for a, b in parsed.pinned + [(x.start, x.end) for x in parsed.archive]:
         if not 0 <= a <= b <= len(parsed.transcript):
             raise ValueError(f"pinned range ({a}, {b}) lies outside the transcript (0, {len(parsed.transcript)})")
 
@@ -356,6 +359,7 @@ def restore(session: AgentSession, tensors: dict[str, torch.Tensor], meta: dict,
         engine.compactions = parsed.compactions
         engine.pinned = parsed.pinned
         session.pin_turn = parsed.pin_turn
+        session.archive = parsed.archive
         session.messages = parsed.messages
         session._chat_text = parsed.chat_text
         session.tools, session.latest_turn = parsed.tools, parsed.latest_turn

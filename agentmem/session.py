@@ -31,6 +31,7 @@ from .events import CompactionEvent, GenerationResult, GenerationStats, SessionS
 from .models import LoadedModel, load_model, wrap_model
 from .policy import Policy, resolve_policy
 from .positions import PositionConfig
+from .recall import Archived, RecallResult
 from .textstream import IncrementalDetokenizer, find_stop
 
 if TYPE_CHECKING:
@@ -101,6 +102,7 @@ class AgentSession:
         self.messages: list[dict] = []  # chat history (role/content) seen through chat() / append(role=...)
         self.tools: list[dict] | None = None  # tool schemas (OpenAI format) the chat template renders
         self.latest_turn: tuple[int, int] | None = None  # token range of the latest chat turn with a user message
+        self.archive: list[Archived] = []  # tool outputs in the transcript, searchable by recall()
         self._chat_text = ""  # the chat-rendered text actually read, to extend turn by turn
         self._pending: list[int] = []
         self._started = False  # whether the first token (and BOS) has been read
@@ -108,6 +110,7 @@ class AgentSession:
         self._lock = threading.RLock()
         self._depth = 0  # open all-or-nothing operations (_atomic)
         self.pin_turn = pin_turn
+        self._held: list[tuple[int, int]] = []  # pins that last until the next reply (hold())
 
     # ------------------------------------------------------------------ properties
     @property
@@ -222,6 +225,8 @@ class AgentSession:
             self.latest_turn,
             self._generator.get_state(),
             engine.policy,
+            len(self.archive),
+            list(self._held),
         )
         self.cache.begin()
         self._depth += 1
@@ -238,7 +243,7 @@ class AgentSession:
                 self.cache.commit()
             else:
                 self.cache.abort()
-                n_ids, pinned, n_events, pending, started, n_msgs, chat_text, turn, rng, policy = marks
+                n_ids, pinned, n_events, pending, started, n_msgs, chat_text, turn, rng, policy, n_archive, held = marks
                 del engine.transcript_ids[n_ids:]
                 engine.pinned[:] = pinned
                 del engine.compactions[n_events:]
@@ -246,6 +251,8 @@ class AgentSession:
                 del self.messages[n_msgs:]
                 self._generator.set_state(rng)
                 engine.policy = policy
+                del self.archive[n_archive:]
+                self._held = held
 
     def _pinned_tokens(self) -> int:
         return sum(b - a for a, b in self.pinned)
@@ -278,6 +285,21 @@ class AgentSession:
     def _unpin(self, turn: tuple[int, int] | None) -> None:
         if turn is not None and turn in self.pinned:
             self.pinned.remove(turn)
+
+    def hold(self, n: int) -> tuple[int, int]:
+        """Pin the next ``n`` tokens read until the next reply has been generated (text read back by
+        :meth:`recall` stays exact while the model uses it); BudgetError if the policy would have no
+        room left. Returns the token range."""
+        self._pin_ids(n)
+        held = self.pinned[-1]
+        self._held.append(held)
+        return held
+
+    def _release_held(self) -> None:
+        """A reply was generated: what :meth:`hold` kept exact may be compacted again."""
+        for held in self._held:
+            self._unpin(held)
+        self._held = []
 
     # ------------------------------------------------------------------ public: reading
     def append(self, text: str, role: str | None = None, pin: bool = False) -> None:
@@ -332,25 +354,37 @@ class AgentSession:
             other = copy.copy(self)
             other.engine = self.engine.fork()
             other.messages = copy.deepcopy(self.messages)
+            other.archive = list(self.archive)
+            other._held = list(self._held)
             other._pending = list(self._pending)
             other._generator = torch.Generator(device="cpu").set_state(self._generator.get_state())
             other._lock = threading.RLock()
             return other
 
+    def _render(self, messages: list[dict], add_generation_prompt: bool) -> str:
+        """The chat template's text for ``messages``; a template that cannot render them is an
+        AgentMemError naming the model (not jinja's own exception)."""
+        extra = {"tools": self.tools} if self.tools else {}
+        try:
+            return self.tokenizer.apply_chat_template(
+                messages, tokenize=False, add_generation_prompt=add_generation_prompt, **extra
+            )
+        except Exception as exc:  # jinja2's errors, and templates that raise on purpose (role order)
+            roles = ", ".join(m["role"] for m in messages[-3:])
+            raise AgentMemError(
+                f"the chat template of {self.spec.name} cannot render these messages (last roles: {roles}): "
+                f"{type(exc).__name__}: {exc}"
+            ) from exc
+
     def _chat_ids(self, messages: list[dict], add_generation_prompt: bool) -> list[int]:
         check_messages(messages)
         if getattr(self.tokenizer, "chat_template", None) is None:
             raise AgentMemError(f"{self.spec.name} has no chat template; use append()/generate() with raw text")
-        extra = {"tools": self.tools} if self.tools else {}
-        full = self.tokenizer.apply_chat_template(
-            self.messages + messages, tokenize=False, add_generation_prompt=add_generation_prompt, **extra
-        )
+        full = self._render(self.messages + messages, add_generation_prompt)
         if self._chat_text and full.startswith(self._chat_text):
             delta = full[len(self._chat_text) :]
         else:  # first turn, or raw text was read in between: render the new messages alone
-            delta = self.tokenizer.apply_chat_template(
-                messages, tokenize=False, add_generation_prompt=add_generation_prompt, **extra
-            )
+            delta = self._render(messages, add_generation_prompt)
             if self.messages:
                 log.debug("chat history is not a prefix of the new rendering; rendering the new turn alone")
         self.messages.extend(copy.deepcopy(messages))
@@ -428,6 +462,8 @@ class AgentSession:
                 raise
             finally:
                 self._unpin(turn)
+                if d.generated:
+                    self._release_held()
 
     @staticmethod
     def _collect(events: Iterator[StreamEvent]) -> GenerationResult:
@@ -457,12 +493,34 @@ class AgentSession:
         temperature: float = 0.0,
         top_p: float = 1.0,
         stop: str | Sequence[str] | None = None,
+        tool_rounds: int = 2,
     ) -> GenerationResult:
         """Add the new turn(s) to the conversation and generate the assistant's reply.
 
         ``messages`` are the *new* messages (a str is one user message); the history is kept.
+        When the built-in ``recall`` tool is offered (``session.tools`` holds
+        :data:`agentmem.recall.RECALL_TOOL`) and the reply calls it, the session runs
+        :meth:`recall` and lets the model answer again, up to ``tool_rounds`` times; the result is
+        the last reply. Other tool calls are the caller's to run (see :mod:`agentmem.toolparse`).
         """
-        return self._collect(self.chat_stream(messages, max_new_tokens, temperature, top_p, stop))
+        if not isinstance(tool_rounds, int) or tool_rounds < 0:
+            raise ValueError(f"tool_rounds must be an int >= 0 (got {tool_rounds!r})")
+        result = self._collect(self.chat_stream(messages, max_new_tokens, temperature, top_p, stop))
+        for _ in range(tool_rounds if self._offers_recall() else 0):
+            from .toolparse import parse_tool_calls
+
+            queries = [c.arguments.get("query") for c in parse_tool_calls(result.text).calls if c.name == "recall"]
+            queries = [q for q in queries if isinstance(q, str) and q.strip()]
+            if not queries:
+                break
+            for q in queries:
+                if not self.recall(q).found:  # say so: the model must not wait for lines that never come
+                    self.tool_result("recall", f"No earlier tool output matches {q!r}.", ratio=1.0, archive=False)
+            result = self._collect(self.chat_stream([], max_new_tokens, temperature, top_p, stop))
+        return result
+
+    def _offers_recall(self) -> bool:
+        return any((t.get("function") or {}).get("name") == "recall" for t in self.tools or [] if isinstance(t, dict))
 
     def chat_stream(self, messages, max_new_tokens=256, temperature=0.0, top_p=1.0, stop=None) -> Iterator[StreamEvent]:
         """:meth:`chat`, as a stream of events. ``messages=[]`` asks for the model's turn after the
@@ -537,6 +595,13 @@ class AgentSession:
 
         return tool_result(self, name, output, ratio=ratio, role=role, **kw)
 
+    def recall(self, query: str, max_lines: int = 6) -> RecallResult:
+        """Read back, exactly, the lines of earlier tool outputs that best match ``query``; see
+        :func:`agentmem.recall.recall`."""
+        from .recall import recall
+
+        return recall(self, query, max_lines=max_lines)
+
     def tool(self, fn=None, *, ratio: float | None = None, name: str | None = None):
         """Decorator (``@session.tool`` or ``@session.tool(ratio=0.1)``): calling the function runs it and
         hands its output to :meth:`tool_result`; the call returns the receipt (``.output`` is the text)."""
@@ -545,17 +610,30 @@ class AgentSession:
         return tool_decorator(self, fn, ratio=ratio, name=name)
 
     # ------------------------------------------------------------------ public: compaction
-    def compact(self, ratio: float, method: str | None = None, queries: str | None = None) -> CompactionEvent:
+    def compact(
+        self,
+        ratio: float,
+        method: str | None = None,
+        queries: str | None = None,
+        span: tuple[int, int] | None = None,
+        reason: str = "manual",
+    ) -> CompactionEvent | None:
         """Compact what is in memory now to ``ratio`` of its physical size.
 
         ``method``: None (the session policy's own), ``"am"`` (Attention Matching), ``"window"``, or
         any policy name (``"h2o"``, ``"snapkv"``, ``"kvzip"``, ``"truncate"``, a preset, ...) whose
         offline path is used once; ``queries``: ``"repeat-prefill"`` (AM's default offline),
         ``"recent"``, ``"context"``, ``"self-study"`` (what the session buffers is what it has).
-        Sinks and pinned ranges stay exact. Spare capacity is released afterwards.
+        ``span=(a, b)``: compact only the entries of transcript tokens a..b-1 (a tool output, e.g.
+        ``receipt.span``), to at most ``round(ratio * (b - a))`` per KV head; returns None when they
+        are already that few. Sinks and pinned ranges stay exact. Spare capacity is released afterwards.
         """
         if not isinstance(ratio, (int, float)) or isinstance(ratio, bool) or not 0 < ratio <= 1:
             raise ValueError(f"ratio must be a number in (0, 1] (got {ratio!r})")
+        if span is not None:
+            if len(span) != 2 or not 0 <= int(span[0]) <= int(span[1]) <= len(self.transcript_ids):
+                raise ValueError(f"span must be (start, end) within the transcript [0, {len(self.transcript_ids)}]")
+            span = (int(span[0]), int(span[1]))
         planner = self.policy
         if method is not None and method not in (planner.method.name, planner.name):
             planner = resolve_policy(_METHOD_POLICIES.get(method, method))
@@ -564,7 +642,10 @@ class AgentSession:
         sinks = self.policy.sinks()
         protected = ([(0, sinks)] if sinks else []) + list(self.pinned)
         with self._lock, self._atomic():
-            plan = planner.plan_for_ratio(self.cache, ratio, protected)
+            plan = planner.plan_for_ratio(self.cache, ratio, protected, span=span)
+            if span is not None and all(r.target_entries >= r.span_entries for r in plan.requests):
+                return None
+            plan.reason = reason
             groups = getattr(planner.config, "on_policy_groups", 1)
             event = self.engine.execute(self.cache, plan, planner.method, queries, groups, planner=planner)
             self.cache.shrink_to_fit()
@@ -662,6 +743,8 @@ def generate_batch(
             if chat:
                 s._record_reply(r)
             s._unpin(turn)
+            if r.token_ids:
+                s._release_held()
         return results
 
 

@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING, Any
 
 from .errors import AgentMemError
 from .events import CompactionEvent
+from .recall import Archived
 
 if TYPE_CHECKING:
     from .cache import CompactedCache
@@ -175,6 +176,7 @@ class ToolReceipt:
     compactions: int  # triggered by this call: online while reading + the final one
     fit_output_error: float | None
     fit_mass_error: float | None
+    recallable_tokens: int = 0  # of the output's tokens, how many session.recall() can read back exactly
     notes: list[str] = field(default_factory=list)
     events: list[CompactionEvent] = field(default_factory=list, repr=False)
     output: str = field(default="", repr=False)
@@ -199,6 +201,7 @@ class ToolReceipt:
             f"[agentmem] tool {self.name}: {self.tokens} tokens{oa} -> {self.entries:.0f} entries "
             f"(ratio {self.ratio:.3f}, target {self.target_ratio:g}), kv {self.kv_bytes_before / 2**20:.2f} -> "
             f"{self.kv_bytes_after / 2**20:.2f} MiB, {self.compactions} compactions, {self.seconds:.1f} s{fit}"
+            + (f"; {self.recallable_tokens} tokens recallable exactly" if self.recallable_tokens else "")
         )
 
 
@@ -305,17 +308,7 @@ def compact_span(session: AgentSession, start: int, end: int, ratio: float, reas
     """Compact the entries of tokens start..end-1 so that at most round(ratio * (end - start)) stay
     (per KV head, before the policy's head budgets share them out); the policy's offline path and
     query source are used. Returns the CompactionEvent, or None when nothing needed compacting."""
-    planner = session.policy
-    plan = planner.plan_for_ratio(session.cache, ratio, session.pinned, span=(start, end))
-    if all(r.target_entries >= r.span_entries for r in plan.requests):
-        return None
-    plan.reason = reason
-    groups = getattr(planner.config, "on_policy_groups", 1)
-    event = session.engine.execute(session.cache, plan, planner.method, None, groups)
-    session.cache.shrink_to_fit()
-    event.kv_bytes_after = session.cache.kv_bytes
-    session.compactions.append(event)
-    return event
+    return session.compact(ratio, span=(start, end), reason=reason)
 
 
 def tool_result(
@@ -325,6 +318,8 @@ def tool_result(
     ratio: float | None = None,
     role: str | None = "tool",
     tool_call_id: str | None = None,
+    archive: bool = True,
+    hold: bool = False,
 ) -> ToolReceipt:
     """Read a tool's output into memory and compact it right away.
 
@@ -336,6 +331,10 @@ def tool_result(
         role: chat role to read it as (``"tool"``; falls back to a wrapped ``user`` message, then to
             plain text, when the template cannot render it); None reads plain text with a wrapper.
         tool_call_id: the OpenAI ``tool_call_id`` this output answers (kept in the message).
+        archive: whether :meth:`~agentmem.session.AgentSession.recall` may search this output later
+            (its tokens stay in the transcript either way).
+        hold: keep the output exact (pinned) until the next reply has been generated
+            (:meth:`~agentmem.session.AgentSession.hold`); used by recall.
     """
     from .session import check_text
 
@@ -356,10 +355,14 @@ def tool_result(
         session.latest_turn = latest  # a tool output read as a user message is not the user's turn
         a, b = _locate(session, ids, content) if content else (len(ids), len(ids))
         a, b = start + a, start + b
+        if hold:
+            session.hold(len(ids))
         with _pin_latest_turn(session, notes):
             session._read(ids, session.compactions)
             if ratio < 1 and b > a:
                 compact_span(session, a, b, ratio)
+        if archive and b > a:
+            session.archive.append(Archived(name, a, b))
         events = session.compactions[first_event:]
         out_errs = [e.fit_output_error for e in events if e.fit_output_error is not None]
         mass_errs = [e.fit_mass_error for e in events if e.fit_mass_error is not None]
@@ -387,6 +390,7 @@ def tool_result(
             compactions=len(events),
             fit_output_error=statistics.fmean(out_errs) if out_errs else None,
             fit_mass_error=statistics.fmean(mass_errs) if mass_errs else None,
+            recallable_tokens=b - a if archive else 0,
             notes=notes,
             events=list(events),
             output=output,

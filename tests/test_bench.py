@@ -80,3 +80,61 @@ def test_quick_reasoning_benchmark_is_well_formed(tmp_path):
     for m in reasoning.METHODS:
         assert 0 <= fid[f"{m} @{budget}"]["agreement"] <= 1 and fid[f"{m} @{budget}"]["kl"] >= 0
     assert (tmp_path / "reasoning_quick.png").stat().st_size > 10_000
+
+
+def test_agent_bench_rows_on_a_tiny_model(tiny_llama):
+    """`agentmem bench agent` on a tiny model: every condition answers every fact, budgets hold,
+    compaction keeps the asked ratio of the output and recall reads the fact's line back."""
+    from types import SimpleNamespace
+
+    from agentmem.bench import agent
+    from agentmem.bench.tooloutputs import tool_output
+
+    _, loaded = tiny_llama
+    out = tool_output("deploy_log", 300, 1, loaded.tokenizer)
+    args = SimpleNamespace(
+        recall_tool_methods=[],
+        ratios=[0.25],
+        methods=["am-halve", "streaming"],
+        recall_methods=["am-halve"],
+        budget=True,
+        reply_tokens=4,
+        answer_tokens=6,
+    )
+    conds = agent.conditions(args)
+    assert [c.label for c in conds] == [
+        "full",
+        "am-halve @0.25",
+        "streaming @0.25",
+        "am-halve @0.25 + recall",
+        "am-halve budget",
+        "streaming budget",
+    ]
+    with tqdm(disable=True) as bar:
+        rows = agent.run_output(loaded, out, conds, args, bar)
+    assert [r["condition"] for r in rows] == [c.label for c in conds] or len(rows) == len(conds)
+    by = {r["condition"]: r for r in rows}
+    assert by["full"]["entries"] == by["full"]["tokens"]
+    for label in ("am-halve @0.25", "streaming @0.25"):
+        assert by[label]["entries"] <= 0.25 * by[label]["tokens"] + 1
+    assert all(f["recalled"] for f in by["am-halve @0.25 + recall"]["facts"])
+    assert all(len(r["facts"]) == len(out.facts) for r in rows)
+    assert all(agent._within(r) for r in rows) and by["am-halve budget"]["max_kv_bytes"] is not None
+    summary = agent.summarize(rows)
+    assert {s["condition"] for s in summary} == set(by) and all(0 <= s["accuracy"] <= 1 for s in summary)
+
+
+def test_agent_loop_on_a_tiny_model(tiny_llama):
+    from types import SimpleNamespace
+
+    from agentmem.bench import agent
+
+    _, loaded = tiny_llama
+    args = SimpleNamespace(loop_tokens=120, answer_tokens=4)
+    full = agent.agent_loop(loaded, agent.Condition("full", None), 0, args)
+    am = agent.agent_loop(loaded, agent.Condition("am-halve", None, recall="call"), 0, args)
+    assert [f["step"] for f in full["facts"]] == [1, 3, 6] and full["compactions"] == 0
+    assert am["compactions"] > 0 and agent._within(am) and am["max_kv_bytes"] is not None
+    assert all(f["recalled"] for f in am["facts"])
+    (row,) = agent.summarize_loops([am])
+    assert row["n"] == 3 and set(row["by_step"]) == {"1", "3", "6"}

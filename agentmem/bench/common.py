@@ -71,3 +71,19 @@ def write_report(out_dir: Path, stem: str, data: dict, markdown: str) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / f"{stem}.json").write_text(json.dumps(data, indent=2) + "\n")
     (out_dir / f"{stem}.md").write_text(markdown)
+
+
+def policy_of(method: str) -> str | dict:
+    """A policy name, or ``name:key=value,key=value`` for a variant (values parsed as JSON when they can
+    be): ``am-halve:query_buffer=128``."""
+    if ":" not in method:
+        return method
+    name, _, settings = method.partition(":")
+    out: dict = {"name": name}
+    for item in filter(None, settings.split(",")):
+        key, _, value = item.partition("=")
+        try:
+            out[key] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key] = value
+    return out

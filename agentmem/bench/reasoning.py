@@ -33,7 +33,6 @@ matrix products are shared.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from dataclasses import dataclass
@@ -45,7 +44,7 @@ from tqdm import tqdm
 from ..engine import forward_batch
 from ..models import load_model
 from ..session import AgentSession, generate_batch
-from .common import environment, write_report
+from .common import environment, policy_of, write_report
 from .problems import FORCE_ANSWER, Problem, answer_spans, answers_in, clustered_wilson, paired_difference, problems
 
 METHODS = ["truncate", "streaming", "h2o", "snapkv", "kvzip", "am-halve"]
@@ -74,22 +73,6 @@ def prompt_ids(loaded, problem: Problem) -> list[int]:
     """The ids a fresh session reads for the problem's chat turn (as ``AgentSession.chat`` renders it)."""
     text = loaded.tokenizer.apply_chat_template(problem.messages(), tokenize=False, add_generation_prompt=True)
     return list(loaded.tokenizer(text, add_special_tokens=False)["input_ids"])
-
-
-def policy_of(method: str) -> str | dict:
-    """A policy name, or ``name:key=value,key=value`` for a variant (values parsed as JSON when they can
-    be): ``am-halve:query_buffer=128``."""
-    if ":" not in method:
-        return method
-    name, _, settings = method.partition(":")
-    out: dict = {"name": name}
-    for item in filter(None, settings.split(",")):
-        key, _, value = item.partition("=")
-        try:
-            out[key] = json.loads(value)
-        except json.JSONDecodeError:
-            out[key] = value
-    return out
 
 
 def _session(loaded, cond: Condition) -> AgentSession:

@@ -1,0 +1,74 @@
+"""Tool calls in a model's reply: the Hermes / Qwen 2.5 format.
+
+Qwen 2.5's chat template asks the model to answer a tool request with
+``<tool_call>\\n{"name": <function-name>, "arguments": <args-json-object>}\\n</tool_call>``
+(the Hermes convention; vLLM's ``hermes`` parser reads the same). :func:`parse_tool_calls` splits
+a reply into its plain text and the calls; a block whose JSON does not parse, or has no name,
+stays in the text (the caller sees what the model wrote, nothing is dropped silently).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+
+_BLOCK = re.compile(r"<tool_call>\s*(.*?)\s*(?:</tool_call>|\Z)", re.DOTALL)
+
+
+@dataclass(frozen=True)
+class ToolCall:
+    name: str
+    arguments: dict
+
+    def as_openai(self, call_id: str) -> dict:
+        """The OpenAI ``tool_calls`` item (arguments as a JSON string)."""
+        return {
+            "id": call_id,
+            "type": "function",
+            "function": {"name": self.name, "arguments": json.dumps(self.arguments, ensure_ascii=False)},
+        }
+
+
+@dataclass
+class ParsedReply:
+    content: str
+    calls: list[ToolCall] = field(default_factory=list)
+
+
+def parse_tool_calls(text: str) -> ParsedReply:
+    """The reply's text without its well-formed ``<tool_call>`` blocks, and those calls in order.
+
+    An unterminated last block (generation stopped before ``</tool_call>``) counts if its JSON is
+    complete. ``arguments`` given as a JSON string are decoded.
+    """
+    calls: list[ToolCall] = []
+    kept: list[str] = []
+    pos = 0
+    for m in _BLOCK.finditer(text):
+        call = _call(m.group(1))
+        if call is None:
+            continue
+        kept.append(text[pos : m.start()])
+        pos = m.end()
+        calls.append(call)
+    kept.append(text[pos:])
+    return ParsedReply("".join(kept).strip() if calls else text, calls)
+
+
+def _call(body: str) -> ToolCall | None:
+    try:
+        obj = json.loads(body)
+    except json.JSONDecodeError:
+        return None
+    if not isinstance(obj, dict) or not isinstance(obj.get("name"), str) or not obj["name"]:
+        return None
+    args = obj.get("arguments", obj.get("parameters", {}))
+    if isinstance(args, str):
+        try:
+            args = json.loads(args)
+        except json.JSONDecodeError:
+            return None
+    if not isinstance(args, dict):
+        return None
+    return ToolCall(obj["name"], args)

@@ -1,0 +1,71 @@
+"""Exact recall on demand: line search over archived tool outputs, read back into memory."""
+
+from __future__ import annotations
+
+import pytest
+
+from agentmem import AgentSession
+from agentmem.models import wrap_model
+from agentmem.recall import best_lines, terms
+from tests.conftest import build_tiny
+from tests.invariants import check_invariants, fingerprint
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+LOG = "\n".join(
+    [f"2026-12-01T10:00:{i:02d}Z INFO  step {i} warming cache worker-{i:03d}" for i in range(60)]
+    + ["2026-12-01T10:01:00Z ERROR migration failed with code E4711; ROLLBACK_ID=RB-58213"]
+    + [f"2026-12-01T10:01:{i:02d}Z INFO  step {60 + i} syncing config" for i in range(1, 30)]
+)
+
+
+def test_terms_and_line_ranking():
+    q = "What is the ROLLBACK_ID in the deploy log? Answer with the id only."
+    assert terms(q) == ["rollback_id", "deploy", "log"]
+    lines = LOG.splitlines()
+    assert best_lines(lines, "What is the ROLLBACK_ID?", 1) == [60]
+    assert best_lines(lines, "which worker-017 line", 1) == [17]
+    assert best_lines(lines, "nothing of the sort zzz", 3) == []
+
+
+@pytest.fixture(scope="module")
+def loaded(tokenizer):
+    return wrap_model(build_tiny("llama", len(tokenizer)), tokenizer, name="tiny-llama")
+
+
+def test_recall_reads_the_exact_lines_back(loaded):
+    s = AgentSession(loaded, max_kv_mb=0.6)
+    s.append("You are a deploy assistant.", role="system", pin=True)
+    r = s.tool_result("logs", LOG, ratio=0.1)
+    assert r.recallable_tokens == r.tokens > 0 and "recallable exactly" in r.summary()
+    assert [a.name for a in s.archive] == ["logs"]
+    found = s.recall("What is the ROLLBACK_ID?")
+    assert found.found and "ROLLBACK_ID=RB-58213" in found.text
+    assert found.hits == [("logs", 60, 62)]  # the line and one of context on either side (1-based)
+    assert found.receipt.ratio == 1.0 and found.receipt.recallable_tokens == 0  # read exactly, not archived again
+    assert [a.name for a in s.archive] == ["logs"]
+    tail = s.tokenizer.decode(list(s.transcript_ids)[-found.receipt.ingested_tokens :])
+    assert "RB-58213" in tail
+    check_invariants(s)
+
+
+def test_recall_with_no_match_reads_nothing(loaded, tmp_path):
+    s = AgentSession(loaded, max_kv_mb=0.3)
+    s.tool_result("logs", LOG, ratio=0.25)
+    before = fingerprint(s)
+    assert not s.recall("zebra quagga").found
+    assert fingerprint(s) == before
+    with pytest.raises(ValueError, match="max_lines"):
+        s.recall("RB", max_lines=0)
+    s.save(tmp_path / "s.agentmem")
+    back = AgentSession.load(tmp_path / "s.agentmem", model=loaded)
+    assert back.archive == s.archive and "RB-58213" in back.recall("ROLLBACK_ID").text
+
+
+def test_recall_shortens_the_excerpt_to_fit_the_budget(loaded):
+    s = AgentSession(loaded, max_kv_mb=0.25)
+    s.tool_result("logs", LOG, ratio=0.1)
+    found = s.recall("step warming cache worker INFO", max_lines=40)  # far more than the budget holds
+    assert found.found and len(found.hits) >= 1
+    assert found.receipt.entries == found.receipt.tokens  # what was read back is exact
+    check_invariants(s)
