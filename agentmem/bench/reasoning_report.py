@@ -39,8 +39,8 @@ def to_markdown(data: dict, plot_name: str) -> str:
         f"![accuracy vs budget]({plot_name})",
         "",
         "| condition | accuracy % [95% CI] | vs unbounded, points [95% CI] | same answer | compactions / prompt "
-        "(min) | forced | peak KiB / budget KiB | tok/s | compacting |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "(min) | question pinned | forced | peak KiB / budget KiB | tok/s | compacting |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for s in data["summary"]:
         lo, hi = s["interval"]
@@ -49,10 +49,11 @@ def to_markdown(data: dict, plot_name: str) -> str:
         tps = f"{s['tokens_per_s']:.1f}" if s.get("tokens_per_s") else "-"
         share = f"{100 * s['compaction_share']:.0f}%" if s.get("compaction_share") is not None else "-"
         name = f"**{s['condition']}**" if s["method"] == "am-halve" else s["condition"]
+        pinned = "-" if not s["max_kv_bytes"] else f"{_pct(s.get('question_pinned', 0))}%"
         lines.append(
             f"| {name} | {_pct(s['accuracy'])} [{_pct(lo)}, {_pct(hi)}] | {100 * d:+.0f} [{100 * dlo:+.0f}, "
             f"{100 * dhi:+.0f}] | {_pct(s['same_answer'])}% | {s['compactions_mean']:.1f} ({s['compactions_min']}) | "
-            f"{s['forced']} | {budget} | {tps} | {share} |"
+            f"{pinned} | {s['forced']} | {budget} | {tps} | {share} |"
         )
     fid = data.get("fidelity")
     if fid:

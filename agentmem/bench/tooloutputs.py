@@ -34,7 +34,7 @@ _WORDS = (
     "cache scheduler parser router billing auth session queue worker upload export index render "
     "config token payment report invoice search webhook metrics gateway ledger profile inventory"
 ).split()
-_VERBS = "Fix Add Remove Refactor Update Handle Guard Retry Document Speed up Validate Log".split()
+_VERBS = "Fix Add Remove Refactor Update Handle Guard Retry Document Cache Validate Log".split()
 _PEOPLE = ["Ada Byron", "Grace Hopper", "Linus Berg", "Mei Tanaka", "Omar Haddad", "Priya Nair", "Sven Olsen"]
 
 
