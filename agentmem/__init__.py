@@ -12,7 +12,8 @@ from .errors import (
 )
 from .events import CompactionEvent, GenerationResult, SessionStats, StreamEvent
 from .positions import PositionConfig
-from .session import AgentSession, ScoreResult
+from .recall import RECALL_TOOL, RecallResult
+from .session import AgentSession, ScoreResult, generate_batch
 from .toolcalls import ToolReceipt
 
 __all__ = [
@@ -26,12 +27,15 @@ __all__ = [
     "ModelMismatchError",
     "ModelNotFoundError",
     "PositionConfig",
+    "RECALL_TOOL",
+    "RecallResult",
     "ScoreResult",
     "SessionFileError",
     "SessionStats",
     "StreamEvent",
     "ToolReceipt",
     "UnknownPolicyError",
+    "generate_batch",
 ]
 
 __version__ = "0.1.0"

@@ -310,6 +310,8 @@ def run(args) -> dict:
     for out in outputs:
         bar.set_postfix_str(out.kind)
         rows += run_output(loaded, out, conds, args, bar)
+    order = {c.label: i for i, c in enumerate(conds)}
+    rows.sort(key=lambda r: order[r["condition"]])  # run grouped by policy, reported in condition order
     loops = []
     if args.loops:
         lconds = [Condition("full", None)] + [Condition(m, None) for m in args.methods]

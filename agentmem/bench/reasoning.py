@@ -27,7 +27,7 @@ the log-probability of the correct answers. Sessions decode in batches
 (``agentmem.session.generate_batch``): each session's budget and compactions are its own, the
 matrix products are shared.
 
-    agentmem bench reasoning [--quick] [--problems 24] [--budgets 288 384] [--compact-question] [--methods ...]
+    agentmem bench reasoning [--quick] [--problems 24] [--budgets 256 320] [--pin-turn 0.75] [--methods ...]
 """
 
 from __future__ import annotations
@@ -330,8 +330,7 @@ def summarize(run: dict, unbounded: dict) -> dict:
 def run(args) -> dict:
     loaded = load_model(args.model, device=args.device)
     probs = problems(args.problems, args.seed, args.dataset, args.per_prompt)
-    pin = 0.0 if args.compact_question else 0.75
-    conds = [Condition(m, b, pin) for b in args.budgets for m in args.methods]
+    conds = [Condition(m, b, args.pin_turn) for b in args.budgets for m in args.methods]
     total = len(probs) * (1 + len(conds)) + len(probs) * len(args.budgets) + args.fidelity_problems
     bar = tqdm(total=total, desc="bench reasoning", unit="run", disable=args.no_progress)
     t0 = time.perf_counter()
@@ -366,7 +365,7 @@ def run(args) -> dict:
         "model": loaded.name,
         "dataset": args.dataset,
         "per_prompt": args.per_prompt,
-        "question": "compacted" if args.compact_question else "pinned while answered (pin_turn=0.75)",
+        "pin_turn": args.pin_turn,
         "seed": args.seed,
         "problems": len(probs),
         "budgets_tokens": args.budgets,
@@ -396,9 +395,11 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--problems", type=int, default=48)
     p.add_argument("--budgets", type=int, nargs="+", default=[256, 320, 384], help="physical budgets L, in tokens")
     p.add_argument(
-        "--compact-question",
-        action="store_true",
-        help="compact the question like everything else (AgentSession(pin_turn=0)); default: it stays exact",
+        "--pin-turn",
+        type=float,
+        default=0.75,
+        help="AgentSession(pin_turn=...): the question stays exact while answered if it takes at most this share "
+        "of the budget; 0 compacts it like everything else",
     )
     p.add_argument("--methods", nargs="+", default=METHODS)
     p.add_argument("--max-new-tokens", type=int, default=640)

@@ -30,6 +30,9 @@ def to_markdown(data: dict, plot_name: str) -> str:
             if k > 1
             else "A run that reaches the limit without an answer is forced to give one. "
         )
+        + f"The user turn stays exact while it is answered when it takes at most {data.get('pin_turn', 0.5):g} of "
+        "the budget and leaves the policy room to work (`AgentSession(pin_turn=...)`; *question pinned*: share of "
+        "prompts where it did); otherwise it is compacted like everything else. "
         + "`cut @L`: the unbounded run cut at L(1 + k/2) tokens, k = the halvings `am-halve` made on that "
         "prompt (the paper's effective-length view). *vs unbounded*: the paired difference on the same problems "
         "(95% interval); *same answer*: share of problems answered exactly as the unbounded run did; "
