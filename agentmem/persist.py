@@ -28,8 +28,9 @@ sampled weights), ``cache`` (logical length, position offset, peak and current b
 layer the per-head ``lengths`` and ``caps``), ``query_buffer`` (mode, capacity, filled / seen per
 layer; null without a buffer), ``policy`` (the policy config, pydantic ``model_dump``), ``positions``,
 ``max_kv_bytes``, ``chunk_tokens``, ``session`` (``pending`` tokens, ``started``, chat ``messages``,
-``chat_text``, ``tools``, ``latest_turn``, ``pinned`` ranges, ``pin_turn``, ``archive``: the tool
-outputs recall() may search, ``compactions``: the ledger as ``CompactionEvent.as_dict``, and
+``chat_text``, ``tools``, ``latest_turn``, ``pinned`` ranges, ``pin_turn``, ``auto_recall``, ``held``
+(the pinned ranges recall keeps exact until the next reply), ``archive``: the tool outputs recall()
+may search, ``compactions``: the ledger as ``CompactionEvent.as_dict``, and
 ``transcript_text``: the raw text of everything read or generated, for people and tools),
 ``stats`` (informational) and ``agentmem_version``.
 
@@ -257,7 +258,9 @@ def session_state(session: AgentSession) -> tuple[dict[str, torch.Tensor], dict]
             "latest_turn": getattr(session, "latest_turn", None),
             "pinned": [list(r) for r in engine.pinned],
             "pin_turn": session.pin_turn,
+            "auto_recall": session.auto_recall,
             "archive": [[a.name, a.start, a.end] for a in session.archive],
+            "held": [list(r) for r in session._held],
             "compactions": [e.as_dict() for e in engine.compactions],
             "transcript_text": session.transcript(),
         },
@@ -303,9 +306,15 @@ class _Parsed:
         self.latest_turn = tuple(s["latest_turn"]) if s.get("latest_turn") is not None else None
         self.pinned = [(int(a), int(b)) for a, b in s["pinned"]]
         self.archive = [Archived(str(n), int(a), int(b)) for n, a, b in s.get("archive", [])]
+        self.held = [(int(a), int(b)) for a, b in s.get("held", [])]
+        if any(h not in self.pinned for h in self.held):
+            raise ValueError("a held range is not among the pinned ranges")
         self.pin_turn = float(s.get("pin_turn", 0.75))
         if not 0 <= self.pin_turn <= 1:
             raise ValueError(f"pin_turn {self.pin_turn} outside [0, 1]")
+        self.auto_recall = s.get("auto_recall", False)
+        if not isinstance(self.auto_recall, bool):
+            raise ValueError(f"auto_recall must be true or false (got {self.auto_recall!r})")
         self.compactions = [CompactionEvent(**e) for e in s["compactions"]]
         self.rng = tensors["sampler_rng"]
         if self.rng.dtype != torch.uint8:
@@ -359,7 +368,9 @@ def restore(session: AgentSession, tensors: dict[str, torch.Tensor], meta: dict,
         engine.compactions = parsed.compactions
         engine.pinned = parsed.pinned
         session.pin_turn = parsed.pin_turn
+        session.auto_recall = parsed.auto_recall
         session.archive = parsed.archive
+        session._held = parsed.held
         session.messages = parsed.messages
         session._chat_text = parsed.chat_text
         session.tools, session.latest_turn = parsed.tools, parsed.latest_turn

@@ -65,6 +65,7 @@ class RecallResult:
     hits: list[tuple[str, int, int]] = field(default_factory=list)  # (output name, first line, last line), 1-based
     text: str = ""  # what was read back into memory ("" when nothing matched)
     receipt: ToolReceipt | None = None
+    held: bool = True  # kept exact until the next reply (False: the budget could not hold it next to the pins)
 
     @property
     def found(self) -> bool:
@@ -100,6 +101,13 @@ def best_lines(lines: list[str], query: str, k: int) -> list[int]:
     return [i for _, i in sorted(scored)[:k]]
 
 
+def compacted_outputs(session: AgentSession) -> list[Archived]:
+    """The archived tool outputs of which memory keeps fewer entries than tokens (recall can help)."""
+    from .toolcalls import span_entries
+
+    return [a for a in session.archive if span_entries(session.cache, a.start, a.end) < a.end - a.start]
+
+
 def search(session: AgentSession, query: str, max_lines: int = 6, context: int = 1) -> tuple[str, list]:
     """The excerpt of archived outputs that answers ``query`` best, and its (name, first, last) hits."""
     outputs = []
@@ -133,9 +141,11 @@ def search(session: AgentSession, query: str, max_lines: int = 6, context: int =
 
 def recall(session: AgentSession, query: str, max_lines: int = 6, context: int = 1) -> RecallResult:
     """Find the lines of earlier tool outputs that match ``query`` and read them back into memory
-    exactly (a ``tool`` message named ``recall``, kept exact until the next reply has been
-    generated; BudgetError when the budget has no room for it next to what is pinned). Nothing is
-    read when nothing matches. All or nothing, like every read."""
+    exactly (a ``tool`` message named ``recall``), kept exact until the next reply has been
+    generated. When the budget cannot hold the excerpt next to what is pinned, fewer lines are read;
+    when not even one line can be held, the excerpt is read without the hold (``held`` False: it is
+    fresh text, but older memory is compacted as usual if the budget fills). Nothing is read when
+    nothing matches. All or nothing, like every read."""
     from .session import check_text
 
     check_text(query, "query")
@@ -143,6 +153,7 @@ def recall(session: AgentSession, query: str, max_lines: int = 6, context: int =
         raise ValueError(f"max_lines must be an int >= 1 (got {max_lines!r})")
     from .errors import BudgetError
 
+    first = (max_lines, context)
     while True:
         text, hits = search(session, query, max_lines, context)
         result = RecallResult(query=query, hits=hits, text=text)
@@ -152,6 +163,11 @@ def recall(session: AgentSession, query: str, max_lines: int = 6, context: int =
             result.receipt = session.tool_result("recall", text, ratio=1.0, archive=False, hold=True)
             return result
         except BudgetError:
-            if max_lines == 1 and context == 0:
-                raise
-            max_lines, context = max(1, max_lines // 2), context if max_lines > 1 else 0  # fewer lines fit
+            if max_lines > 1 or context > 0:
+                max_lines, context = max(1, max_lines // 2), context if max_lines > 1 else 0  # fewer lines fit
+                continue
+        # not one line can be held: read the whole excerpt as fresh text, without the hold
+        text, hits = search(session, query, *first)
+        result = RecallResult(query=query, hits=hits, text=text, held=False)
+        result.receipt = session.tool_result("recall", text, ratio=1.0, archive=False, hold=False)
+        return result

@@ -61,6 +61,10 @@ class AgentSession:
             it takes at most this share of the budget and the policy keeps room to work (0: never).
             A reasoning run that compacts its own question cannot answer it
             (docs/benchmarks/reasoning.md).
+        auto_recall: before :meth:`chat` reads a user turn, the lines of compacted tool outputs that
+            best match it are read back exactly (:meth:`recall` of the user's text), as an agent
+            calling ``recall`` itself would (docs/benchmarks/agent.md). Off by default: it adds a
+            ``recall`` tool message the caller did not send.
     """
 
     def __init__(
@@ -76,6 +80,7 @@ class AgentSession:
         positions: PositionConfig | dict | None = None,
         seed: int = 0,
         pin_turn: float = 0.75,
+        auto_recall: bool = False,
     ):
         if max_kv_mb is not None and not max_kv_mb > 0:
             raise BudgetError(f"max_kv_mb must be > 0 (got {max_kv_mb}); use None for an unbounded cache")
@@ -83,6 +88,8 @@ class AgentSession:
             raise ValueError(f"chunk_tokens must be >= 1 (got {chunk_tokens})")
         if not _number(pin_turn) or not 0 <= pin_turn <= 1:
             raise ValueError(f"pin_turn must be a number in [0, 1] (got {pin_turn!r})")
+        if not isinstance(auto_recall, bool):
+            raise TypeError(f"auto_recall must be True or False (got {auto_recall!r})")
         if isinstance(model, LoadedModel):
             self._loaded = model
         elif isinstance(model, torch.nn.Module):
@@ -111,6 +118,7 @@ class AgentSession:
         self._lock = threading.RLock()
         self._depth = 0  # open all-or-nothing operations (_atomic)
         self.pin_turn = pin_turn
+        self.auto_recall = auto_recall
         self._held: list[tuple[int, int]] = []  # pins that last until the next reply (hold())
 
     # ------------------------------------------------------------------ properties
@@ -445,6 +453,8 @@ class AgentSession:
         with self._lock, self._atomic():
             turn = None
             if chat is not None:
+                if self.auto_recall:
+                    self._recall_for(chat)
                 ids = self._chat_ids(chat, add_generation_prompt=True)
                 turn = self._pin_latest_turn() if any(m["role"] == "user" for m in chat) else None
             d = _Decoding(self, ids, max_new_tokens, temperature, top_p, stop, ignore_eos)
@@ -522,6 +532,14 @@ class AgentSession:
                     self.tool_result("recall", f"No earlier tool output matches {q!r}.", ratio=1.0, archive=False)
             result = self._collect(self.chat_stream([], max_new_tokens, temperature, top_p, stop))
         return result
+
+    def _recall_for(self, messages: list[dict]) -> None:
+        """auto_recall: read back the lines of compacted tool outputs that match the new user turn."""
+        from .recall import compacted_outputs
+
+        query = " ".join(m["content"] for m in messages if m["role"] == "user" and isinstance(m.get("content"), str))
+        if query.strip() and compacted_outputs(self):
+            self.recall(query)
 
     def _offers_recall(self) -> bool:
         return any((t.get("function") or {}).get("name") == "recall" for t in self.tools or [] if isinstance(t, dict))

@@ -23,7 +23,8 @@ def _digest(*tensors: torch.Tensor) -> str:
 def fingerprint(s: AgentSession) -> dict:
     """Everything a session operation may change: every live cache entry (keys, values, beta,
     positions, token indices), lengths and capacities, logical length and position offset, the
-    query buffer, transcript, pins, pending token, chat state, ledger, sampler and policy."""
+    query buffer, transcript, pins, pending token, chat state, ledger, sampler, policy, the archive of
+    tool outputs and what recall holds."""
     c = s.cache
     layers = []
     for layer in c.layers:
@@ -52,6 +53,8 @@ def fingerprint(s: AgentSession) -> dict:
         "compactions": len(s.compactions),
         "rng": _digest(s._generator.get_state()),
         "policy": s.policy.config.model_dump(mode="json"),
+        "archive": list(s.archive),
+        "held": list(s._held),
     }
 
 

@@ -186,3 +186,12 @@ def test_config_hash_names_the_architecture_not_the_dtype(tokenizer):
     assert a.spec.config_hash == b.spec.config_hash
     wider = build_tiny("llama", len(tokenizer), hidden_size=96)
     assert wrap_model(twin(wider), tokenizer, name="c").spec.config_hash != a.spec.config_hash
+
+
+def test_calibrate_command_takes_its_own_options(capsys):
+    """`agentmem calibrate --model X` reaches calibrate's parser (argparse.REMAINDER used to drop it)."""
+    from agentmem import cli
+
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["calibrate", "--model", "smollm2-135m", "--help"])
+    assert exc.value.code == 0 and "--max-share-factor" in capsys.readouterr().out

@@ -93,6 +93,10 @@ def _machine(loaded, tmp_path):
         def tool_result(self, t, ratio):
             self.attempt(self.s.tool_result, "run_tests", t * 3, ratio=ratio)
 
+        @rule(t=text, n=st.integers(1, 8))
+        def recall(self, t, n):
+            self.attempt(self.s.recall, t, max_lines=n)
+
         @rule(policy=st.sampled_from(POLICIES))
         def switch_policy(self, policy):
             def set_policy(p):

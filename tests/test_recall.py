@@ -69,3 +69,61 @@ def test_recall_shortens_the_excerpt_to_fit_the_budget(loaded):
     assert found.found and len(found.hits) >= 1
     assert found.receipt.entries == found.receipt.tokens  # what was read back is exact
     check_invariants(s)
+
+
+def test_recall_reads_without_the_hold_when_no_line_can_be_held(loaded):
+    """A budget whose pins leave no room to hold even one line: the excerpt is still read, unheld."""
+    s = AgentSession(loaded, max_kv_mb=0.25)
+    cap = s.cache.max_tokens()
+    s.tool_result("logs", LOG, ratio=0.1)
+    room = max(n for n in range(cap) if s.policy.has_room(cap, n, s.engine.chunk_tokens))
+    filler = " x" * (room - 4)
+    assert len(s.tokenizer(filler, add_special_tokens=False)["input_ids"]) == room - 4
+    s.append(filler, pin=True)  # all the room the policy leaves for pins, but 4 tokens
+    found = s.recall("ROLLBACK_ID")
+    assert found.found and not found.held and "RB-58213" in found.text
+    assert not s._held and found.receipt.tokens > 0
+    check_invariants(s)
+    assert "RB-58213" in s.tokenizer.decode(s.transcript_ids[-found.receipt.tokens - 8 :])
+
+
+def test_auto_recall_reads_matching_lines_before_a_user_turn(loaded, tmp_path):
+    """AgentSession(auto_recall=True): chat recalls the matching lines of compacted outputs first;
+    an output kept whole, or auto_recall off, reads nothing extra; the setting is saved."""
+    question = "What is the ROLLBACK_ID?"
+    s = AgentSession(loaded, max_kv_mb=None, auto_recall=True)
+    s.tool_result("logs", LOG, ratio=0.1)
+    s.chat(question, max_new_tokens=2)
+    assert [m["role"] for m in s.messages[-3:]] == ["tool", "user", "assistant"]
+    assert "RB-58213" in s.messages[-3]["content"] and s.messages[-2]["content"] == question
+    check_invariants(s)
+    s.save(tmp_path / "s.agentmem")
+    assert AgentSession.load(tmp_path / "s.agentmem", model=loaded).auto_recall is True
+
+    off = AgentSession(loaded, max_kv_mb=None)
+    off.tool_result("logs", LOG, ratio=0.1)
+    n = len(off.messages)
+    off.chat(question, max_new_tokens=2)
+    assert [m["role"] for m in off.messages[n:]] == ["user", "assistant"]
+
+    whole = AgentSession(loaded, max_kv_mb=None, auto_recall=True)
+    whole.tool_result("logs", LOG, ratio=1.0)
+    n = len(whole.messages)
+    whole.chat(question, max_new_tokens=2)
+    assert [m["role"] for m in whole.messages[n:]] == ["user", "assistant"]
+    with pytest.raises(TypeError, match="auto_recall"):
+        AgentSession(loaded, max_kv_mb=None, auto_recall="yes")
+
+
+def test_what_recall_holds_survives_save_and_load(loaded, tmp_path):
+    """Found by the fuzzer: the held range was pinned in the file but no longer released by the
+    next reply after load (held ranges were not saved)."""
+    s = AgentSession(loaded, max_kv_mb=None)
+    s.tool_result("logs", LOG, ratio=0.1)
+    s.recall("ROLLBACK_ID")
+    assert s._held
+    s.save(tmp_path / "s.agentmem")
+    back = AgentSession.load(tmp_path / "s.agentmem", model=loaded)
+    assert fingerprint(back) == fingerprint(s)
+    back.chat("and then?", max_new_tokens=2)
+    assert not back._held and back.pinned == []

@@ -293,6 +293,7 @@ def conditions(args) -> list[Condition]:
         conds += [Condition(m, r, recall="tool") for m in args.recall_tool_methods if m in args.methods]
     if args.budget:
         conds += [Condition(m, None, budget=True) for m in args.methods]
+        conds += [Condition(m, None, recall="call", budget=True) for m in args.recall_methods if m in args.methods]
     return conds
 
 
@@ -364,6 +365,7 @@ def to_markdown(data: dict, plot: str | None) -> str:
             f"| {name} | {100 * s['accuracy']:.0f} [{100 * lo:.0f}, {100 * hi:.0f}] | {vs} | {100 * d:+.0f} "
             f"[{100 * dlo:+.0f}, {100 * dhi:+.0f}] | {s['kept']:.2f} | {s['seconds']:.1f} |"
         )
+    lines += _by_kind(data)
     if data.get("loop_summary"):
         lines += [
             "",
@@ -394,6 +396,21 @@ def to_markdown(data: dict, plot: str | None) -> str:
         "",
     ]
     return "\n".join(lines)
+
+
+def _by_kind(data: dict) -> list[str]:
+    """Accuracy per condition and kind of output (where lookups fail)."""
+    kinds = sorted({o["kind"] for o in data["outputs"]})
+    cells: dict[str, dict[str, list[bool]]] = {}
+    for r in data["rows"]:
+        kind = r["output"].split("/")[0]
+        cells.setdefault(r["condition"], {}).setdefault(kind, []).extend(f["correct"] for f in r["facts"])
+    lines = ["", "### By kind of output (exact answers, %)", "", "| condition | " + " | ".join(kinds) + " |"]
+    lines.append("|---|" + "---:|" * len(kinds))
+    for label, by in cells.items():
+        row = [f"{100 * sum(by[k]) / len(by[k]):.0f}" if by.get(k) else "-" for k in kinds]
+        lines.append(f"| {label} | " + " | ".join(row) + " |")
+    return lines
 
 
 def agent_plot(data: dict, path: Path) -> Path:
@@ -431,10 +448,10 @@ def _styles(rows: list[dict]) -> dict:
         key = (r["method"], r["recall"])
         label = r["method"] + {None: "", "call": " + recall", "tool": " + recall tool"}[r["recall"]]
         style = {"label": label, "linewidth": 1.2}
-        if r["method"] == "am-halve":
-            style.update(color="black", linewidth=2.5 if not r["recall"] else 2.0)
+        if r["method"] == "am-halve":  # drawn over the others (kvzip often lies on the same points)
+            style.update(color="black", linewidth=2.5 if not r["recall"] else 2.0, zorder=5)
         if r["recall"]:
-            style["linestyle"] = "--"
+            style["linestyle"] = "--" if r["recall"] == "call" else ":"
         out.setdefault(key, style)
     return out
 

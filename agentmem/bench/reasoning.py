@@ -27,7 +27,7 @@ the log-probability of the correct answers. Sessions decode in batches
 (``agentmem.session.generate_batch``): each session's budget and compactions are its own, the
 matrix products are shared.
 
-    agentmem bench reasoning [--quick] [--problems 24] [--budgets 256 320] [--pin-turn 0.75] [--methods ...]
+    agentmem bench reasoning [--quick] [--problems 16] [--budgets 256 320] [--pin-turn 0.75] [--methods ...]
 """
 
 from __future__ import annotations
@@ -392,8 +392,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--dataset", default="chain_sum", help="a reasoning-gym generator")
     p.add_argument("--per-prompt", type=int, default=6, help="problems per prompt, solved in turn (1: one problem)")
     p.add_argument("--seed", type=int, default=2026)
-    p.add_argument("--problems", type=int, default=48)
-    p.add_argument("--budgets", type=int, nargs="+", default=[256, 320, 384], help="physical budgets L, in tokens")
+    p.add_argument("--problems", type=int, default=16, help="prompts (each of --per-prompt problems)")
+    p.add_argument("--budgets", type=int, nargs="+", default=[256, 320], help="physical budgets L, in tokens")
     p.add_argument(
         "--pin-turn",
         type=float,

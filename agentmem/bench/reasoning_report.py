@@ -34,9 +34,10 @@ def to_markdown(data: dict, plot_name: str) -> str:
         "the budget and leaves the policy room to work (`AgentSession(pin_turn=...)`; *question pinned*: share of "
         "prompts where it did); otherwise it is compacted like everything else. "
         + "`cut @L`: the unbounded run cut at L(1 + k/2) tokens, k = the halvings `am-halve` made on that "
-        "prompt (the paper's effective-length view). *vs unbounded*: the paired difference on the same problems "
+        "prompt (the paper's effective-length view; where that is beyond a trace's end the cut changes nothing). "
+        "*vs unbounded*: the paired difference on the same problems "
         "(95% interval); *same answer*: share of problems answered exactly as the unbounded run did; "
-        f"tok/s: batched decode ({data['batch']} sessions per call) including compaction time; "
+        f"tok/s: batched decode ({min(data['batch'], data['problems'])} sessions per call) including compaction time; "
         "*compacting*: share of that time spent compacting.",
         "",
         f"![accuracy vs budget]({plot_name})",
@@ -64,7 +65,7 @@ def to_markdown(data: dict, plot_name: str) -> str:
         head = " | ".join(f"KL after {k}{'+' if k == '6' else ''}" for k in ks)
         lines += [
             "",
-            f"## Teacher-forced fidelity on the unbounded traces ({len(fid['problems'])} problems, blocks of "
+            f"## Teacher-forced fidelity on the unbounded traces ({len(fid['problems'])} prompts, blocks of "
             f"{fid['block']} tokens)",
             "",
             "Each condition reads the unbounded run's own reasoning next to an unbounded session; top-1 "
