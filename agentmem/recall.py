@@ -153,21 +153,20 @@ def recall(session: AgentSession, query: str, max_lines: int = 6, context: int =
         raise ValueError(f"max_lines must be an int >= 1 (got {max_lines!r})")
     from .errors import BudgetError
 
-    first = (max_lines, context)
-    while True:
-        text, hits = search(session, query, max_lines, context)
-        result = RecallResult(query=query, hits=hits, text=text)
-        if not text:
-            return result
+    full = search(session, query, max_lines, context)
+    text, hits = full
+    while text:
         try:
-            result.receipt = session.tool_result("recall", text, ratio=1.0, archive=False, hold=True)
-            return result
+            receipt = session.tool_result("recall", text, ratio=1.0, archive=False, hold=True)
+            return RecallResult(query=query, hits=hits, text=text, receipt=receipt)
         except BudgetError:
-            if max_lines > 1 or context > 0:
-                max_lines, context = max(1, max_lines // 2), context if max_lines > 1 else 0  # fewer lines fit
-                continue
-        # not one line can be held: read the whole excerpt as fresh text, without the hold
-        text, hits = search(session, query, *first)
-        result = RecallResult(query=query, hits=hits, text=text, held=False)
-        result.receipt = session.tool_result("recall", text, ratio=1.0, archive=False, hold=False)
-        return result
+            if max_lines == 1 and context == 0:
+                break
+            max_lines, context = max(1, max_lines // 2), context if max_lines > 1 else 0  # fewer lines fit
+            text, hits = search(session, query, max_lines, context)
+    else:
+        return RecallResult(query=query)  # nothing matches: nothing read
+    # not one line can be held: read the whole excerpt as fresh text, without the hold
+    text, hits = full
+    receipt = session.tool_result("recall", text, ratio=1.0, archive=False, hold=False)
+    return RecallResult(query=query, hits=hits, text=text, receipt=receipt, held=False)

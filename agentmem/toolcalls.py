@@ -30,7 +30,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .errors import AgentMemError
+from .errors import AgentMemError, BudgetError
 from .events import CompactionEvent
 from .recall import Archived
 
@@ -351,12 +351,18 @@ def tool_result(
         kv_before = session.cache.kv_bytes
         start = len(session.transcript_ids)
         latest = session.latest_turn
+        n_messages, chat_text = len(session.messages), session._chat_text
         ids, content, used_role, notes = _tool_ids(session, name, output, role, tool_call_id)
         session.latest_turn = latest  # a tool output read as a user message is not the user's turn
         a, b = _locate(session, ids, content) if content else (len(ids), len(ids))
         a, b = start + a, start + b
         if hold:
-            session.hold(len(ids))
+            try:
+                session.hold(len(ids))
+            except BudgetError:  # nothing read yet: un-render, so a caller inside a larger operation can retry
+                del session.messages[n_messages:]
+                session._chat_text = chat_text
+                raise
         with _pin_latest_turn(session, notes):
             session._read(ids, session.compactions)
             if ratio < 1 and b > a:

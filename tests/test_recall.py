@@ -127,3 +127,21 @@ def test_what_recall_holds_survives_save_and_load(loaded, tmp_path):
     assert fingerprint(back) == fingerprint(s)
     back.chat("and then?", max_new_tokens=2)
     assert not back._held and back.pinned == []
+
+
+def test_auto_recall_that_shortens_its_excerpt_inside_chat_keeps_the_chat_consistent(loaded):
+    """auto_recall runs inside chat's operation: an excerpt too long to hold, retried shorter, must
+    leave no trace of the attempt (the rendered chat text and messages match what was read)."""
+    s = AgentSession(loaded, max_kv_mb=0.25, auto_recall=True)
+    cap = s.cache.max_tokens()
+    s.tool_result("logs", LOG, ratio=0.1)
+    room = max(n for n in range(cap) if s.policy.has_room(cap, n, s.engine.chunk_tokens))
+    s.append(" x" * (room - 40), pin=True)  # room to hold a line or two, not six with context
+    n = len(s.messages)
+    s.chat("step warming cache worker INFO ROLLBACK_ID", max_new_tokens=2)
+    assert [m["role"] for m in s.messages[n:]] == ["tool", "user", "assistant"]
+    recalled = s.messages[-3]["content"]
+    assert "ROLLBACK_ID" in recalled and recalled.count("\n") < 12  # shortened
+    # the chat text holds the log, the one excerpt read and the question: no trace of the failed attempt
+    assert s._chat_text.count("ROLLBACK_ID") == 1 + recalled.count("ROLLBACK_ID") + 1
+    check_invariants(s)

@@ -38,7 +38,7 @@ from ..errors import AgentMemError
 from ..models import load_model
 from ..recall import RECALL_TOOL
 from ..session import AgentSession, generate_batch
-from .common import environment, policy_of, write_report
+from .common import environment, policy_of, publish
 from .problems import clustered_wilson, paired_difference
 from .tooloutputs import GENERATORS, ToolOutput, tool_output
 
@@ -494,11 +494,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.manual_seed(0)
     data = run(args)
     data["command"] = ("agentmem bench agent " + " ".join(argv)).strip()
-    args.out.mkdir(parents=True, exist_ok=True)
-    plot = agent_plot(data, args.out / f"{args.name}.png")
-    markdown = to_markdown(data, plot.name)
-    write_report(args.out, args.name, data, markdown)
-    print(markdown)
+    publish(args, data, agent_plot, to_markdown)
     return 0
 
 

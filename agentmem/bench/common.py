@@ -73,6 +73,14 @@ def write_report(out_dir: Path, stem: str, data: dict, markdown: str) -> None:
     (out_dir / f"{stem}.md").write_text(markdown)
 
 
+def publish(args, data: dict, plot: Callable[[dict, Path], Path], markdown: Callable[[dict, str], str]) -> None:
+    """Write a benchmark's plot, JSON and markdown as ``args.out / args.name`` and print the markdown."""
+    args.out.mkdir(parents=True, exist_ok=True)
+    text = markdown(data, plot(data, args.out / f"{args.name}.png").name)
+    write_report(args.out, args.name, data, text)
+    print(text)
+
+
 def policy_of(method: str) -> str | dict:
     """A policy name, or ``name:key=value,key=value`` for a variant (values parsed as JSON when they can
     be): ``am-halve:query_buffer=128``."""

@@ -44,7 +44,7 @@ from tqdm import tqdm
 from ..engine import forward_batch
 from ..models import load_model
 from ..session import AgentSession, generate_batch
-from .common import environment, policy_of, write_report
+from .common import environment, policy_of, publish
 from .problems import FORCE_ANSWER, Problem, answer_spans, answers_in, clustered_wilson, paired_difference, problems
 
 METHODS = ["truncate", "streaming", "h2o", "snapkv", "kvzip", "am-halve"]
@@ -427,11 +427,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.manual_seed(0)
     data = run(args)
     data["command"] = ("agentmem bench reasoning " + " ".join(argv)).strip()
-    args.out.mkdir(parents=True, exist_ok=True)
-    plot = reasoning_plot(data, args.out / f"{args.name}.png")
-    markdown = to_markdown(data, plot.name)
-    write_report(args.out, args.name, data, markdown)
-    print(markdown)
+    publish(args, data, reasoning_plot, to_markdown)
     return 0
 
 

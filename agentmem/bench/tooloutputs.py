@@ -46,6 +46,14 @@ def _ident(rng: random.Random) -> str:
     return f"{rng.choice(_WORDS)}_{rng.choice(_WORDS)}"
 
 
+def _fresh(make: Callable[[], str], seen: set[str]) -> str:
+    """``make()`` until it gives a string not in ``seen`` (which then holds it): names that answer one way."""
+    while (value := make()) in seen:
+        pass
+    seen.add(value)
+    return value
+
+
 def _grow(make_line: Callable[[int], str], tokens: int, count: Callable[[str], int], head: str = "") -> list[str]:
     """Lines from ``make_line(i)`` until the text holds about ``tokens`` tokens."""
     lines: list[str] = []
@@ -63,11 +71,7 @@ def pytest_report(tokens: int, seed: int, count: Callable[[str], int]) -> ToolOu
     names: set[str] = set()
 
     def test_line(i: int) -> str:
-        while True:
-            name = f"test_{_ident(rng)}"
-            if name not in names:
-                names.add(name)
-                break
+        name = _fresh(lambda: f"test_{_ident(rng)}", names)
         pct = min(99, i // 3)
         return f"{rng.choice(modules)}::{name} PASSED{' ' * 10}[{pct:3d}%]"
 
@@ -115,11 +119,9 @@ def git_log(tokens: int, seed: int, count: Callable[[str], int]) -> ToolOutput:
     subjects: set[str] = set()
 
     def commit(i: int) -> str:
-        while True:
-            subject = f"{rng.choice(_VERBS)} {rng.choice(_WORDS)} {rng.choice(_WORDS)} in {_ident(rng)}"
-            if subject not in subjects:
-                subjects.add(subject)
-                break
+        subject = _fresh(
+            lambda: f"{rng.choice(_VERBS)} {rng.choice(_WORDS)} {rng.choice(_WORDS)} in {_ident(rng)}", subjects
+        )
         day = 28 - (i // 6) % 28
         return f"{_hex(rng, 7)} {rng.choice(_PEOPLE)} 2026-11-{day:02d} {subject}"
 
@@ -144,11 +146,7 @@ def api_listing(tokens: int, seed: int, count: Callable[[str], int]) -> ToolOutp
     statuses = ["running", "running", "running", "degraded", "stopped", "deploying"]
 
     def service(i: int) -> str:
-        while True:
-            name = f"{rng.choice(_WORDS)}-{rng.choice(_WORDS)}-{rng.randrange(10, 99)}"
-            if name not in used:
-                used.add(name)
-                break
+        name = _fresh(lambda: f"{rng.choice(_WORDS)}-{rng.choice(_WORDS)}-{rng.randrange(10, 99)}", used)
         return (
             f'{{"id": "srv-{_hex(rng, 6)}", "name": "{name}", "status": "{rng.choice(statuses)}", '
             f'"region": "{rng.choice(regions)}", "replicas": {rng.randrange(1, 13)}, '
