@@ -11,7 +11,7 @@ from .errors import (
     UnknownPolicyError,
 )
 from .events import CompactionEvent, GenerationResult, SessionStats, StreamEvent
-from .positions import PositionConfig
+from .kv.positions import PositionConfig
 from .recall import RECALL_TOOL, RecallResult
 from .session import AgentSession, ScoreResult, generate_batch
 from .toolcalls import ToolReceipt

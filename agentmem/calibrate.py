@@ -28,10 +28,10 @@ from pathlib import Path
 
 import torch
 
-from .budgets import HeadProfile, profiles_dir
 from .files import atomic_write
 from .models import LoadedModel, load_model
-from .policy import AMConfig
+from .policy.config import AMConfig
+from .policy.profiles import HeadProfile, profiles_dir
 from .session import AgentSession
 
 DEFAULT_TEXTS = ("difflib", "/usr/share/common-licenses/GPL-3")

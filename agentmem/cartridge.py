@@ -31,11 +31,10 @@ import torch
 from . import persist
 from .errors import AgentMemError, BudgetError, SessionFileError
 from .events import CompactionEvent
+from .units import MiB
 
 if TYPE_CHECKING:
     from .session import AgentSession
-
-MiB = 2**20
 
 
 class Cartridge:

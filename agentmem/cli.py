@@ -6,6 +6,7 @@ import argparse
 import sys
 
 from .models import DEFAULT_MODEL
+from .units import MiB
 
 
 def _add_session_args(p: argparse.ArgumentParser) -> None:
@@ -37,8 +38,8 @@ def _session(args):
 def _print_stats(session) -> None:
     st = session.stats
     print(
-        f"[agentmem] kv {st.kv_bytes / 2**20:.2f} MiB (peak {st.peak_kv_bytes / 2**20:.2f}, max "
-        f"{(st.max_kv_bytes or 0) / 2**20:.2f}), payload {st.payload_bytes / 2**20:.2f} MiB, "
+        f"[agentmem] kv {st.kv_bytes / MiB:.2f} MiB (peak {st.peak_kv_bytes / MiB:.2f}, max "
+        f"{(st.max_kv_bytes or 0) / MiB:.2f}), payload {st.payload_bytes / MiB:.2f} MiB, "
         f"{st.logical_tokens} tokens read, {st.physical_tokens:.0f} stored, {len(st.compactions)} compactions",
         file=sys.stderr,
     )
@@ -104,8 +105,8 @@ def cmd_demo(args) -> int:
     full = st.logical_tokens * session.cache.bytes_per_token()
     print(
         f"\n\n[agentmem] answer: {extract_answer(result.text)}; {st.logical_tokens} tokens read and written, "
-        f"{len(st.compactions)} compactions; KV memory peak {st.peak_kv_bytes / 2**20:.2f} MiB within "
-        f"{st.max_kv_bytes / 2**20:.2f} MiB, where an unbounded cache would hold {full / 2**20:.2f} MiB "
+        f"{len(st.compactions)} compactions; KV memory peak {st.peak_kv_bytes / MiB:.2f} MiB within "
+        f"{st.max_kv_bytes / MiB:.2f} MiB, where an unbounded cache would hold {full / MiB:.2f} MiB "
         f"({full / max(1, st.peak_kv_bytes):.1f}x); {result.stats.decode_tps:.1f} tok/s",
         file=sys.stderr,
     )
@@ -148,7 +149,7 @@ def cmd_serve(args) -> int:
         max_kv_mb=args.max_kv_mb,
         max_kv_mb_limit=args.max_kv_mb_limit,
         policy=args.policy,
-        max_body_bytes=int(args.max_body_mb * 2**20),
+        max_body_bytes=int(args.max_body_mb * MiB),
         max_sessions=args.max_sessions,
         max_new_tokens=args.max_new_tokens,
     )

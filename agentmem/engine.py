@@ -15,18 +15,18 @@ from contextlib import contextmanager
 
 import torch
 
-from . import budgets, reference
-from .cache import BatchedCaches, CompactedCache
-from .compaction.base import CompactionPlan
+from .compaction import reference
 from .compaction.driver import execute_plan
+from .compaction.plan import CompactionPlan
 from .compaction.queries import QueryBuffer, QuerySet
 from .errors import BudgetError, CompactionError
 from .events import CompactionEvent
+from .kv.cache import BatchedCaches, CompactedCache
+from .kv.positions import PositionConfig, effective_max_distance, maintain
 from .models import LoadedModel
-from .policy import Policy, SpanPolicy
-from .positions import PositionConfig, effective_max_distance, maintain
+from .policy.planner import Policy, SpanPolicy
+from .units import MiB
 
-MiB = 2**20
 _MAX_COMPACTIONS_PER_STEP = 8
 
 
@@ -167,9 +167,7 @@ class Engine:
         queries, notes = None, []
         if plan.budgets and method.needs_queries:  # per-context head budgets: from the queries, once
             queries, notes = self.queries(cache, plan, source)
-            profile = getattr(planner, "profile", None) if plan.budgets == "profile+global" else None
-            floor = getattr(planner.config, "head_floor", 0.1)
-            budgets.apply_global(plan, cache, queries, getattr(method, "query_cap", 8192), floor, profile)
+            planner.allocate(plan, cache, queries)
         if method.needs_queries and groups > 1 and source in ("repeat-prefill", "self-study"):
             event = self._execute_on_policy(cache, plan, method, source, groups, planner.name)
         else:
@@ -177,7 +175,7 @@ class Engine:
                 queries, notes = self.queries(cache, plan, source)
             event = execute_plan(cache, plan, method, planner.name, queries)
         event.notes[:0] = notes
-        if getattr(planner, "head_budgets", "uniform") != "uniform" or plan.budgets:
+        if planner.head_budgets != "uniform" or plan.budgets:
             event.notes.append(f"head budgets: {plan.budgets or planner.budgets_description}")
         return event
 

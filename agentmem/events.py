@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Literal
 
+from .units import MiB
+
 
 @dataclass
 class CompactionEvent:
@@ -35,8 +37,8 @@ class CompactionEvent:
             fit = f", fit error {self.fit_output_error:.3f} (output) / {self.fit_mass_error:.3f} (mass)"
         return (
             f"[agentmem] compacted ({self.reason}, {self.method}): {self.tokens_before:.0f} -> "
-            f"{self.tokens_after:.0f} tokens, {self.payload_bytes_before / 2**20:.2f} -> "
-            f"{self.payload_bytes_after / 2**20:.2f} MiB payload, {self.seconds * 1e3:.0f} ms{fit}"
+            f"{self.tokens_after:.0f} tokens, {self.payload_bytes_before / MiB:.2f} -> "
+            f"{self.payload_bytes_after / MiB:.2f} MiB payload, {self.seconds * 1e3:.0f} ms{fit}"
         )
 
 

@@ -30,6 +30,7 @@ from pathlib import Path
 import torch
 
 from .errors import ModelNotFoundError, UnsupportedModelError
+from .spec import ModelSpec
 
 log = logging.getLogger(__name__)
 
@@ -115,35 +116,6 @@ _EMBEDDED_HINTS = {
 # RoPE variants whose frequencies do not depend on the sequence length: stored keys can be
 # re-rotated by a fixed offset (see positions.py). "dynamic"/"longrope" rescale with length.
 _STATIC_ROPE_TYPES = {"default", "linear", "llama3", "yarn"}
-
-
-@dataclass(frozen=True)
-class ModelSpec:
-    """What the cache and the attention path need to know about a loaded model.
-
-    ``inv_freq[l]`` holds layer l's RoPE inverse frequencies (fp32, rotary_dim/2); ``sliding_window[l]``
-    is None for global layers; ``scaling[l]`` is the softmax scale the layer really uses.
-    """
-
-    name: str
-    model_type: str
-    num_layers: int
-    num_q_heads: int
-    num_kv_heads: int
-    head_dim: int
-    v_head_dim: int
-    sliding_window: tuple[int | None, ...]
-    scaling: tuple[float, ...]
-    inv_freq: tuple[torch.Tensor, ...] = field(repr=False, compare=False)
-    rope_rotatable: bool
-    max_position_embeddings: int
-    config_hash: str
-    eos_token_ids: tuple[int, ...]
-    bos_token_id: int | None
-
-    @property
-    def group_size(self) -> int:
-        return self.num_q_heads // self.num_kv_heads
 
 
 def _cache_root() -> Path:
@@ -386,7 +358,7 @@ def load_model(
     ``device`` is ``"cpu"``, ``"cuda"``, ``"cuda:N"`` or ``"auto"`` (accelerate's ``device_map``).
     The same (path, device, dtype) returns the same model object: sessions share weights.
     """
-    from . import attention  # registers the "agentmem" attention implementation
+    from .kv import attention  # registers the "agentmem" attention implementation
 
     name, path = resolve_model_path(model)
     device = device or default_device()
@@ -423,7 +395,7 @@ def load_model(
 
 def wrap_model(model: torch.nn.Module, tokenizer=None, name: str | None = None) -> LoadedModel:
     """Use an already-constructed transformers model (tests build tiny ones from a config)."""
-    from . import attention
+    from .kv import attention
 
     attention.enable(model)
     model.eval()

@@ -56,9 +56,10 @@ from safetensors.torch import save_file
 from .errors import AgentMemError, ModelMismatchError, ModelNotFoundError, SessionFileError
 from .events import CompactionEvent
 from .files import atomic_write
+from .kv.positions import PositionConfig
 from .models import _EMBEDDED_HINTS, LoadedModel
-from .positions import PositionConfig
 from .recall import Archived
+from .units import MiB
 
 if TYPE_CHECKING:
     from .session import AgentSession
@@ -68,7 +69,6 @@ log = logging.getLogger(__name__)
 FORMAT_VERSION = 1
 SESSION = "agentmem-session"
 CARTRIDGE = "agentmem-cartridge"
-MiB = 2**20
 _FINGERPRINT_PARAMS = 6  # parameters sampled (evenly over the model) ...
 _FINGERPRINT_VALUES = 16  # ... and values sampled (evenly over each parameter)
 
@@ -420,7 +420,7 @@ def load_session(
     budget; a budget too small for the saved memory raises BudgetError. ``policy``: default the saved
     policy config. Errors leave nothing behind: either a complete session or an exception.
     """
-    from .policy import resolve_policy
+    from .policy.presets import resolve_policy
     from .session import AgentSession
 
     path = file_path(path)

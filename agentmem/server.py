@@ -54,10 +54,9 @@ from .errors import AgentMemError
 from .events import CompactionEvent
 from .models import LoadedModel, load_model
 from .session import AgentSession
+from .units import MiB
 
 log = logging.getLogger(__name__)
-
-MiB = 2**20
 
 
 # ------------------------------------------------------------------ request bodies

@@ -24,15 +24,17 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from .cache import CompactedCache
 from .engine import Engine, forward_batch, run_batch
 from .errors import AgentMemError, BudgetError
 from .events import CompactionEvent, GenerationResult, GenerationStats, SessionStats, StreamEvent
+from .kv.cache import CompactedCache
+from .kv.positions import PositionConfig
 from .models import LoadedModel, load_model, wrap_model
-from .policy import Policy, resolve_policy
-from .positions import PositionConfig
+from .policy.planner import Policy
+from .policy.presets import resolve_policy
 from .recall import Archived, RecallResult
-from .textstream import IncrementalDetokenizer, find_stop
+from .text import IncrementalDetokenizer, find_stop
+from .units import MiB
 
 if TYPE_CHECKING:
     from pathlib import Path
@@ -40,8 +42,6 @@ if TYPE_CHECKING:
     from .toolcalls import ToolReceipt
 
 log = logging.getLogger(__name__)
-
-MiB = 2**20
 
 
 class AgentSession:

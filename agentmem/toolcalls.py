@@ -33,9 +33,10 @@ from typing import TYPE_CHECKING, Any
 from .errors import AgentMemError, BudgetError
 from .events import CompactionEvent
 from .recall import Archived
+from .units import MiB
 
 if TYPE_CHECKING:
-    from .cache import CompactedCache
+    from .kv.cache import CompactedCache
     from .session import AgentSession
 
 DEFAULT_TOOL_RATIO = 0.25  # when the policy has no ``tool_ratio`` setting (window policies)
@@ -199,8 +200,8 @@ class ToolReceipt:
         fit = f", fit error {self.fit_output_error:.3f}" if self.fit_output_error is not None else ""
         return (
             f"[agentmem] tool {self.name}: {self.tokens} tokens{oa} -> {self.entries:.0f} entries "
-            f"(ratio {self.ratio:.3f}, target {self.target_ratio:g}), kv {self.kv_bytes_before / 2**20:.2f} -> "
-            f"{self.kv_bytes_after / 2**20:.2f} MiB, {self.compactions} compactions, {self.seconds:.1f} s{fit}"
+            f"(ratio {self.ratio:.3f}, target {self.target_ratio:g}), kv {self.kv_bytes_before / MiB:.2f} -> "
+            f"{self.kv_bytes_after / MiB:.2f} MiB, {self.compactions} compactions, {self.seconds:.1f} s{fit}"
             + (f"; {self.recallable_tokens} tokens recallable exactly" if self.recallable_tokens else "")
         )
 

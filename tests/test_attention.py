@@ -7,7 +7,7 @@ import math
 import torch
 
 from agentmem import AgentSession
-from agentmem.layer_store import Block
+from agentmem.kv.layer import Block
 from tests.conftest import TEXT
 
 

@@ -8,12 +8,12 @@ import pytest
 import torch
 
 from agentmem import AgentSession
-from agentmem.budgets import entry_scores
-from agentmem.compaction.base import CompactionReport, SpanRequest
+from agentmem.compaction.methods import make_method
+from agentmem.compaction.plan import CompactionReport, SpanRequest
 from agentmem.compaction.queries import QuerySet
+from agentmem.compaction.scores import entry_scores
 from agentmem.errors import UnknownPolicyError
-from agentmem.methods import make_method
-from agentmem.policy import resolve_policy
+from agentmem.policy.presets import resolve_policy
 from tests.conftest import TEXT
 
 BASELINES = ["h2o", "snapkv", "kvzip", "streaming", "truncate"]

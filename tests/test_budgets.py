@@ -9,10 +9,11 @@ import pytest
 import torch
 
 from agentmem import AgentSession
-from agentmem.budgets import HeadProfile, load_profile, resolve_budgets, water_fill
 from agentmem.calibrate import calibrate, shares_from_curves, write_profile
 from agentmem.errors import ProfileError
-from agentmem.policy import available_presets
+from agentmem.policy.head_budgets import resolve_budgets, water_fill
+from agentmem.policy.presets import available_presets
+from agentmem.policy.profiles import HeadProfile, load_profile
 from tests.conftest import TEXT
 
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from agentmem import AgentSession, CompactionError
-from agentmem.layer_store import META_BYTES_PER_SLOT, Block
+from agentmem.kv.layer import META_BYTES_PER_SLOT, Block
 from tests.conftest import TEXT
 from tests.test_attention import read_all
 

@@ -7,8 +7,8 @@ import torch
 from pydantic import ValidationError
 
 from agentmem import AgentSession, PositionConfig
+from agentmem.kv.positions import _rebase
 from agentmem.models import wrap_model
-from agentmem.positions import _rebase
 from tests.conftest import TEXT, build_tiny, twin
 from tests.test_attention import read_all
 

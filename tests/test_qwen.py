@@ -56,7 +56,7 @@ def test_spec_positions_and_bytes(qwen):
     torch.testing.assert_close(spec.inv_freq[0], expected)
     s = AgentSession(model=qwen, max_kv_mb=None)
     assert s.cache.bytes_per_token() == 24 * 2 * ((64 + 64) * 4 + 12)  # 24 KiB of fp32 K/V + metadata
-    from agentmem.positions import effective_max_distance
+    from agentmem.kv.positions import effective_max_distance
 
     assert effective_max_distance(s.cache, s.positions) == 8192
 

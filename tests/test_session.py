@@ -179,7 +179,7 @@ def test_truncate_policy_keeps_no_sinks(tiny_llama, tokenizer):
 
 
 def test_presets_and_custom_sampling_hook(tiny_llama, tokenizer):
-    from agentmem.policy import available_presets
+    from agentmem.policy.presets import available_presets
 
     _, loaded = tiny_llama
     assert {"am-fast", "am-quality", "streaming-wide"} <= set(available_presets())

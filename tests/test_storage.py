@@ -13,10 +13,11 @@ import types
 import pytest
 import torch
 
-from agentmem import AgentSession, attention
-from agentmem.attention import agentmem_attention_forward
-from agentmem.cache import CompactedCache
-from agentmem.layer_store import Block
+from agentmem import AgentSession
+from agentmem.kv import attention
+from agentmem.kv.attention import agentmem_attention_forward
+from agentmem.kv.cache import CompactedCache
+from agentmem.kv.layer import Block
 from agentmem.models import wrap_model
 from tests.conftest import TEXT, build_tiny, twin
 from tests.test_attention import read_all, reference_logits

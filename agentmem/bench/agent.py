@@ -38,6 +38,7 @@ from ..errors import AgentMemError
 from ..models import load_model
 from ..recall import RECALL_TOOL
 from ..session import AgentSession, generate_batch
+from ..units import MiB
 from .common import environment, policy_of, publish
 from .problems import clustered_wilson, paired_difference
 from .tooloutputs import GENERATORS, ToolOutput, tool_output
@@ -45,7 +46,6 @@ from .tooloutputs import GENERATORS, ToolOutput, tool_output
 SYSTEM = "You are a coding agent. You run tools and answer questions about their output exactly and briefly."
 METHODS = ["am-halve", "kvzip", "snapkv", "h2o", "streaming", "truncate"]
 RECALL_METHODS = ["am-halve", "streaming"]
-MiB = 2**20
 
 
 @dataclass(frozen=True)

@@ -21,8 +21,8 @@ from pathlib import Path
 
 import torch
 
+from ..kv.positions import PositionConfig
 from ..models import load_model
-from ..positions import PositionConfig
 from ..session import AgentSession
 from .common import environment, write_report
 

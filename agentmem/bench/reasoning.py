@@ -44,11 +44,11 @@ from tqdm import tqdm
 from ..engine import forward_batch
 from ..models import load_model
 from ..session import AgentSession, generate_batch
+from ..units import MiB
 from .common import environment, policy_of, publish
 from .problems import FORCE_ANSWER, Problem, answer_spans, answers_in, clustered_wilson, paired_difference, problems
 
 METHODS = ["truncate", "streaming", "h2o", "snapkv", "kvzip", "am-halve"]
-MiB = 2**20
 
 
 @dataclass(frozen=True)

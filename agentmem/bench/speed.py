@@ -21,6 +21,7 @@ import torch
 
 from ..models import load_model
 from ..session import AgentSession
+from ..units import MiB
 from .common import environment, find_document, median, timed, write_report
 
 COMPACTION_METHODS = {
@@ -79,7 +80,7 @@ def run(lengths: list[int], new_tokens: int, repeats: int, model: str, device: s
     for length in lengths:
         ids = all_ids[:length]
         t_ids = torch.tensor([ids], device=loaded.device)
-        budget_mb = AgentSession(model=loaded, max_kv_mb=None).cache.bytes_for_tokens(length) / 2**20
+        budget_mb = AgentSession(model=loaded, max_kv_mb=None).cache.bytes_for_tokens(length) / MiB
         hf_pre, hf_dec, am_pre, am_dec, bud_dec, compactions = [], [], [], [], [], 0
         even, uneven = [], []
         _hf_generate(loaded.model, t_ids[:, :32], 2)  # warm-up
@@ -192,8 +193,8 @@ def to_markdown(data: dict, command: str) -> str:
         ]
         for r in data["rows"]:
             lines.append(
-                f"| {r['context_tokens']} | {r['hf_kv_bytes'] / 2**20:.1f} | {r['agentmem_kv_bytes'] / 2**20:.1f} "
-                f"({r['agentmem_payload_bytes'] / 2**20:.1f}) | {r['compaction']['am']['kv_bytes_after'] / 2**20:.1f} |"
+                f"| {r['context_tokens']} | {r['hf_kv_bytes'] / MiB:.1f} | {r['agentmem_kv_bytes'] / MiB:.1f} "
+                f"({r['agentmem_payload_bytes'] / MiB:.1f}) | {r['compaction']['am']['kv_bytes_after'] / MiB:.1f} |"
             )
         lines += [
             "",

@@ -1,6 +1,6 @@
 """HOW to compact: plain tensor math (Attention Matching lands here) and the driver that applies a plan."""
 
-from .base import Method
 from .driver import execute_plan
+from .plan import Method
 
 __all__ = ["Method", "execute_plan"]

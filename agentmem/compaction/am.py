@@ -3,18 +3,40 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 
-from ..cache import CompactedCache
 from ..errors import CompactionError
-from ..layer_store import Block
-from .base import CompactionReport, Replacement, SpanRequest, split_target
+from ..kv.cache import CompactedCache
+from ..kv.layer import Block
+from ..units import MiB
 from .fit import REDUCTIONS, attention_match, block_scores, key_scores, span_key_scores
+from .plan import QUERY_CAP, CompactionReport, Replacement, SpanRequest, split_target
 from .queries import QuerySet
 
-_SCORE_BYTES = 256 * 2**20  # rank a span in one pass when its logits S (n x T fp32) fit in this
+_SCORE_BYTES = 256 * MiB  # rank a span in one pass when its logits S (n x T fp32) fit in this
 _T_BUCKET = 64  # chunks whose targets differ by less than this are fitted in one padded batch
+
+
+class Chunk(NamedTuple):
+    """One chunk of a span and what it keeps: ``target`` entries, already chosen (``selected``
+    slots, span-wide ranking) or left to the fit (None); ``fit_rows``: the query rows that fit it
+    (None: the layer's random subset)."""
+
+    start: int
+    end: int
+    target: int
+    selected: torch.Tensor | None = None
+    fit_rows: torch.Tensor | None = None
+
+
+class FitJob(NamedTuple):
+    """A chunk of KV head ``head`` to fit, with the query rows that fit it."""
+
+    head: int
+    chunk: Chunk
+    fit_rows: torch.Tensor
 
 
 def split_chunks(start: int, end: int, target: int, chunk: int) -> list[tuple[int, int, int]]:
@@ -46,7 +68,7 @@ class AttentionMatching:
     selection: str = "highest"
     omp_step: int = 8
     chunk: int = 512
-    query_cap: int = 8192  # reference queries per KV head for key selection
+    query_cap: int = QUERY_CAP  # reference queries per KV head for key selection
     fit_query_cap: int = 512  # of those, the ones that attend most to a chunk fit its beta and values
     ridge: float = 1.0
     beta_ridge: float = 1e-2
@@ -57,17 +79,16 @@ class AttentionMatching:
     selection_dtype: str = "float32"  # products for ranking keys: "float32", "bfloat16" or "auto" (bf16 on CUDA)
     seed: int = 0
 
-    def _chunks(self, layer, q: torch.Tensor, scale: float, h: int, start: int, end: int, target: int):
+    def _chunks(self, layer, q: torch.Tensor, scale: float, h: int, start: int, end: int, target: int) -> list[Chunk]:
         """Split one span into chunks, each with its own target (and, span-wide, its selected keys).
 
         With a highest-attention selection and ``span_selection``, keys are ranked under the
         span-wide softmax and the top ``target`` are kept wherever they are: a chunk that matters
         more keeps more. Otherwise (OMP) every chunk keeps a share proportional to its length.
         The ranking may use bf16 products (``selection_dtype``); the fits are always fp32.
-        Returns [(chunk_start, chunk_end, t, selected slots or None, fit query rows or None)].
         """
         if not (self.span_selection and self.selection in REDUCTIONS) or target in (0, end - start):
-            return [(cs, ce, ct, None, None) for cs, ce, ct in split_chunks(start, end, target, self.chunk)]
+            return [Chunk(cs, ce, ct) for cs, ce, ct in split_chunks(start, end, target, self.chunk)]
         slots = torch.arange(start, end, device=layer.device)
         k, bias = layer.head("k", h)[start:end][None], layer.head("beta", h)[start:end][None]
         reduce = REDUCTIONS[self.selection]
@@ -94,7 +115,7 @@ class AttentionMatching:
                 # fit on the queries that attend to this chunk the most: for the others the chunk's
                 # share of attention is small, and so is the effect of its compaction error
                 rows = torch.topk(shares[i], self.fit_query_cap).indices.sort().values
-            out.append((cs, ce, int(sel.numel()), sel, rows))
+            out.append(Chunk(cs, ce, int(sel.numel()), sel, rows))
         return out
 
     def compact(
@@ -111,38 +132,37 @@ class AttentionMatching:
         g = torch.Generator().manual_seed(self.seed * 7919 + layer_idx)
         random_rows = torch.randperm(q.shape[1], generator=g)[: self.fit_query_cap].sort().values.to(q.device)
 
-        # rows: one per (head, chunk) to fit, grouped by (length, target) so that a group is one batch
-        rows: dict[tuple[int, int], list[tuple]] = {}
+        # jobs: one per (head, chunk) to fit, grouped by (length, target) so that a group is one batch
+        jobs: dict[tuple[int, int], list[FitJob]] = {}
         plan = []
         for h, spans in enumerate(request.heads):
             head_plan = []
             for start, end, target in spans:
                 chunks = self._chunks(layer, q, scale, h, start, end, target) if end > start else []
                 head_plan.append((start, end, chunks))
-                for cs, ce, ct, sel, fit_rows in chunks:
-                    if 0 < ct < ce - cs:
-                        fit_rows = random_rows if fit_rows is None else fit_rows
-                        s_chunk = None
+                for c in chunks:
+                    if 0 < c.target < c.end - c.start:
                         # span-selected chunks of one length and similar targets share a batch (targets padded)
-                        key = (ce - cs, -1 - ct // _T_BUCKET if sel is not None else ct)
-                        rows.setdefault(key, []).append((h, cs, ce, sel, s_chunk, fit_rows, ct))
+                        key = (c.end - c.start, -1 - c.target // _T_BUCKET if c.selected is not None else c.target)
+                        rows = random_rows if c.fit_rows is None else c.fit_rows
+                        jobs.setdefault(key, []).append(FitJob(h, c, rows))
             plan.append(head_plan)
 
         fitted: dict[tuple[int, int], Block] = {}
-        for _, members in rows.items():
-            heads = torch.tensor([m[0] for m in members], device=layer.device)
-            slots = torch.stack([torch.arange(m[1], m[2], device=layer.device) for m in members])  # (B, T)
-            t = max(m[6] for m in members)
-            given = scores = given_mask = None
-            if members[0][3] is not None:  # (B, t) positions within the chunk, padded to the longest
+        for members in jobs.values():
+            heads = torch.tensor([m.head for m in members], device=layer.device)
+            slots = torch.stack(
+                [torch.arange(m.chunk.start, m.chunk.end, device=layer.device) for m in members]
+            )  # (B, T)
+            t = max(m.chunk.target for m in members)
+            given = given_mask = None
+            if members[0].chunk.selected is not None:  # (B, t) positions within the chunk, padded to the longest
                 given = torch.zeros(len(members), t, dtype=torch.long, device=layer.device)
                 given_mask = torch.zeros(len(members), t, dtype=torch.bool, device=layer.device)
                 for b, m in enumerate(members):
-                    given[b, : m[6]] = m[3] - m[1]
-                    given_mask[b, : m[6]] = True
-            if all(m[4] is not None for m in members):
-                scores = torch.stack([m[4] for m in members])  # (B, n_fit, T) slices of the span's S
-            q_fit = torch.stack([q[m[0]][m[5]] for m in members])  # (B, n_fit, d)
+                    given[b, : m.chunk.target] = m.chunk.selected - m.chunk.start
+                    given_mask[b, : m.chunk.target] = True
+            q_fit = torch.stack([q[m.head][m.fit_rows] for m in members])  # (B, n_fit, d)
             k = layer.gather("k", heads, slots)  # (B, T, d)
             v = layer.gather("v", heads, slots)
             bias = layer.gather("beta", heads, slots)  # (B, T) fp32, the beta the entries already carry
@@ -162,11 +182,10 @@ class AttentionMatching:
                 fit_values_=self.fit_values,
                 idx=given,
                 idx_mask=given_mask,
-                scores=scores,
             )
             sel_slots = torch.gather(slots, 1, res.idx)
             for b, m in enumerate(members):
-                h, cs, n_keep = m[0], m[1], m[6]
+                h, cs, n_keep = m.head, m.chunk.start, m.chunk.target
                 s = sel_slots[b, :n_keep]
                 fitted[(h, cs)] = Block(
                     keys=layer.head("k", h)[s],
@@ -185,10 +204,11 @@ class AttentionMatching:
             spans_out = []
             for start, end, chunks in head_plan:
                 parts = []
-                for cs, ce, ct, *_ in chunks:
-                    if ct == 0:
+                for c in chunks:
+                    if c.target == 0:
                         continue
-                    parts.append(fitted[(h, cs)] if ct < ce - cs else layer.read_span(h, cs, ce))
+                    full = c.target == c.end - c.start
+                    parts.append(layer.read_span(h, c.start, c.end) if full else fitted[(h, c.start)])
                 spans_out.append((start, end, _concat(parts)))
             out.append(spans_out)
         return out

@@ -5,10 +5,10 @@ from __future__ import annotations
 import statistics
 import time
 
-from ..cache import CompactedCache
 from ..errors import CompactionError
 from ..events import CompactionEvent
-from .base import CompactionPlan, CompactionReport, Method, Replacement
+from ..kv.cache import CompactedCache
+from .plan import CompactionPlan, CompactionReport, Method, Replacement
 from .queries import QuerySet
 
 

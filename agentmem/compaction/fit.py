@@ -268,19 +268,17 @@ def attention_match(
     fit_values_: bool = True,
     idx: torch.Tensor | None = None,
     idx_mask: torch.Tensor | None = None,
-    scores: torch.Tensor | None = None,
 ) -> Compacted:
     """Compact B blocks to t entries each.
 
     q (B, n, d) reference queries; k, v (B, T, d) the block; bias (B, T) fp32 the beta the block
     already carries (-inf on padding, which is never selected; every row needs >= t valid keys).
     ``selection``: "highest" (RMS attention; "highest-max" / "highest-mean" reduce by max / mean)
-    or "omp"; ``idx`` (B, t) skips selection and fits the given keys; ``scores`` (B, n, T) passes
-    S = s q k^T + bias when the caller already has it; ``idx_mask`` (B, t) marks the real entries
+    or "omp"; ``idx`` (B, t) skips selection and fits the given keys; ``idx_mask`` (B, t) marks the real entries
     of a padded ``idx`` (the others get zero values and must be dropped by the caller). ``beta_bounds``: bounds on
     w = exp(beta); the upper bound None means the block's size T (one key can stand for all).
     """
-    s = block_scores(q, k, scale, bias) if scores is None else scores  # (B, n, T), old beta included
+    s = block_scores(q, k, scale, bias)  # (B, n, T), old beta included
     valid = torch.isfinite(s[:, 0, :]) if bias is not None else torch.ones_like(s[:, 0, :], dtype=torch.bool)
     n_valid = valid.sum(dim=-1)
     if int(n_valid.min().item()) < t:

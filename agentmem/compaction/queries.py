@@ -20,6 +20,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ..kv.rope import rotated
+
 
 @dataclass
 class QuerySet:
@@ -55,22 +57,11 @@ class QuerySet:
         keep = self._keep(layer, stacked.numel(), cap, seed)
         return stacked if keep is None else stacked[keep.to(pos.device)]
 
-    @property
-    def tokens(self) -> int:
-        return min((q.shape[1] for q in self.per_layer.values()), default=0)
-
 
 def rotate_queries(q: torch.Tensor, delta: float, inv_freq: torch.Tensor) -> torch.Tensor:
-    """Rotate post-RoPE queries (..., d) by ``delta`` positions (HF rotate_half layout)."""
-    rot = 2 * inv_freq.numel()
-    ang = delta * inv_freq.to(q.device, torch.float64)
-    emb = torch.cat([ang, ang]).float()
-    cos, sin = emb.cos(), emb.sin()
-    x = q[..., :rot].float()
-    half = rot // 2
-    x_rot = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+    """Post-RoPE queries (..., d) moved by ``delta`` positions (a copy)."""
     out = q.clone()
-    out[..., :rot] = (x * cos + x_rot * sin).to(q.dtype)
+    out[..., : 2 * inv_freq.numel()] = rotated(q, delta, inv_freq)
     return out
 
 

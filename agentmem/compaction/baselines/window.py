@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..cache import CompactedCache
-from ..compaction.base import CompactionReport, Replacement, SpanRequest
-from ..compaction.queries import QuerySet
+from ...kv.cache import CompactedCache
+from ..plan import CompactionReport, Replacement, SpanRequest
+from ..queries import QuerySet
 
 
 @dataclass

@@ -24,8 +24,8 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
+from ..errors import UnsupportedModelError
 from .cache import BatchedCaches
-from .errors import UnsupportedModelError
 
 NAME = "agentmem"
 

@@ -13,11 +13,11 @@ from collections.abc import Callable
 
 import torch
 
-from ..cache import CompactedCache
-from ..compaction.base import Replacement, SpanRequest
-from ..compaction.queries import QuerySet
-from ..errors import CompactionError
-from ..layer_store import Block
+from ...errors import CompactionError
+from ...kv.cache import CompactedCache
+from ...kv.layer import Block
+from ..plan import Replacement, SpanRequest
+from ..queries import QuerySet
 
 Scorer = Callable[[int, torch.Tensor, torch.Tensor | None], torch.Tensor]  # (h, q (n, d), q_pos) -> (L_h,)
 

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
+from ..errors import UnknownPolicyError
+from .am import AttentionMatching
 from .baselines import H2O, KVzip, SnapKV, WindowEviction
-from .compaction.am import AttentionMatching
-from .compaction.base import Method
-from .errors import UnknownPolicyError
+from .plan import Method
 
 _METHODS: dict[str, type] = {
     "window": WindowEviction,

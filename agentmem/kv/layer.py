@@ -28,16 +28,17 @@ from dataclasses import dataclass
 
 import torch
 
-from .errors import CompactionError
+from ..errors import CompactionError
+from .rope import rotated
 
 META_BYTES_PER_SLOT = 4 + 4 + 4  # beta fp32 + pos int32 + tok int32, per (head, slot)
-_GROWTH = 1.5
-_ALIGN = 16  # capacities are rounded up to multiples of this many slots (except exact fits)
-_NAMES = ("k", "v", "beta", "pos", "tok")
+GROWTH = 1.5
+ALIGN = 16  # capacities are rounded up to multiples of this many slots (except exact fits)
+FIELDS = ("k", "v", "beta", "pos", "tok")
 _FILL = {"k": 0.0, "v": 0.0, "beta": -math.inf, "pos": 0, "tok": 0}
 
 
-def _round_up(n: int, k: int = _ALIGN) -> int:
+def round_up(n: int, k: int = ALIGN) -> int:
     return ((n + k - 1) // k) * k
 
 
@@ -85,7 +86,6 @@ class CacheLayer:
         self.has_bias = False  # has_beta or uneven head lengths (padding holds -inf)
         self.min_pos: int | None = None  # smallest stored position (python int, refreshed on structural edits)
         # set by CompactedCache.begin_forward / update for the attention path
-        self.step_new = 0
         self.step_lengths_before: list[int] = [0] * num_heads
         item = torch.finfo(dtype).bits // 8
         self._head_slot_bytes = (head_dim + v_head_dim) * item + META_BYTES_PER_SLOT
@@ -159,7 +159,7 @@ class CacheLayer:
         self._grids = None
         if self._uniform:
             h, cap = self.num_heads, self._caps[0]
-            self._grids = {name: getattr(self, name).view(h, cap, *getattr(self, name).shape[1:]) for name in _NAMES}
+            self._grids = {name: getattr(self, name).view(h, cap, *getattr(self, name).shape[1:]) for name in FIELDS}
             self._k4, self._v4 = self._grids["k"][None], self._grids["v"][None]  # (1, H, cap, d)
 
     def _grid_view(self, name: str) -> torch.Tensor:
@@ -174,18 +174,18 @@ class CacheLayer:
         if caps == self._caps:
             return
         was_uniform, old_cap = self._uniform, self._caps[0]
-        old = {name: getattr(self, name) for name in _NAMES}
+        old = {name: getattr(self, name) for name in FIELDS}
         old_offs = self._offs
         self._alloc(caps)
         if was_uniform and self._uniform:  # grid to grid: one copy per buffer (padding carries its fill)
             m = min(old_cap, self._caps[0])
-            for name in _NAMES:
+            for name in FIELDS:
                 self._grid_view(name)[:, :m] = old[name].view(self.num_heads, old_cap, *old[name].shape[1:])[:, :m]
             return
         for h, n in enumerate(self.lengths):
             if n:
                 a, b = old_offs[h], self._offs[h]
-                for name in _NAMES:
+                for name in FIELDS:
                     getattr(self, name)[b : b + n] = old[name][a : a + n]
 
     # ------------------------------------------------------------------ reads
@@ -229,7 +229,7 @@ class CacheLayer:
 
     def read_span(self, h: int, start: int, end: int) -> Block:
         """Copy of slots [start, end) of one head."""
-        return Block(*(self.head(name, h)[start:end].clone() for name in _NAMES))
+        return Block(*(self.head(name, h)[start:end].clone() for name in FIELDS))
 
     def refresh_meta(self) -> None:
         """Recompute min_pos and the bias flags after a structural edit (compaction, eviction, rotation)."""
@@ -248,9 +248,8 @@ class CacheLayer:
         """Append n new entries to every head. k: (1, H, n, d); v: (1, H, n, d_v); pos/tok: (n,) int32."""
         n = k.shape[2]
         if any(a + n > c for a, c in zip(self.lengths, self._caps)):  # only when a caller skipped reserve
-            self.resize([max(c, _round_up(a + n)) for c, a in zip(self._caps, self.lengths)])
+            self.resize([max(c, round_up(a + n)) for c, a in zip(self._caps, self.lengths)])
         self.step_lengths_before = list(self.lengths)
-        self.step_new = n
         if self._uniform and self.even:
             a, g = self.lengths[0], self._grids
             self._k4[:, :, a : a + n] = k
@@ -283,17 +282,17 @@ class CacheLayer:
         self.lengths = list(lengths)
 
     def _clear(self, h: int, a: int, b: int) -> None:
-        for name in _NAMES:
+        for name in FIELDS:
             self.head(name, h)[a:b] = _FILL[name]
 
     def snapshot(self) -> tuple:
         """A copy of everything this layer holds: (k, v, beta, pos, tok, caps, lengths)."""
-        return (*(getattr(self, name).clone() for name in _NAMES), list(self._caps), list(self.lengths))
+        return (*(getattr(self, name).clone() for name in FIELDS), list(self._caps), list(self.lengths))
 
     def restore(self, state: tuple) -> None:
         """Put back a :meth:`snapshot` (the state's tensors are adopted, not copied)."""
         *bufs, caps, lengths = state
-        for name, buf in zip(_NAMES, bufs):
+        for name, buf in zip(FIELDS, bufs):
             setattr(self, name, buf)
         self._set_layout(caps)
         self._bind_views()
@@ -311,7 +310,7 @@ class CacheLayer:
         """
         rows = [torch.arange(o, o + n) for o, n in zip(self._offs, self.lengths)]
         idx = torch.cat(rows).to(self.device) if rows else torch.zeros(0, dtype=torch.long, device=self.device)
-        tensors = {name: getattr(self, name)[idx].cpu() for name in _NAMES}
+        tensors = {name: getattr(self, name)[idx].cpu() for name in FIELDS}
         return tensors, {"lengths": list(self.lengths), "caps": list(self._caps)}
 
     def check_state(self, tensors: dict[str, torch.Tensor], meta: dict) -> None:
@@ -346,11 +345,11 @@ class CacheLayer:
         dtypes = {"k": self.dtype, "v": self.dtype, "beta": torch.float32, "pos": torch.int32, "tok": torch.int32}
         a = 0
         for h, n in enumerate(lengths):
-            for name in _NAMES:
+            for name in FIELDS:
                 self.head(name, h)[:n] = tensors[name][a : a + n].to(self.device, dtypes[name])
             a += n
         self.lengths = lengths
-        self.step_new, self.step_lengths_before = 0, list(lengths)
+        self.step_lengths_before = list(lengths)
         self.refresh_meta()
 
     # ------------------------------------------------------------------ edits
@@ -363,12 +362,12 @@ class CacheLayer:
         if new_len > self._caps[h]:
             raise CompactionError(f"replacement grows head {h} beyond its capacity {self._caps[h]}")
         if tail > 0 and t != end - start:
-            for name in _NAMES:
+            for name in FIELDS:
                 buf = self.head(name, h)
                 buf[start + t : start + t + tail] = buf[end:length].clone()
         if t:
             dtypes = (self.dtype, self.dtype, torch.float32, torch.int32, torch.int32)
-            for name, src, dt in zip(_NAMES, (block.keys, block.values, block.beta, block.pos, block.tok), dtypes):
+            for name, src, dt in zip(FIELDS, (block.keys, block.values, block.beta, block.pos, block.tok), dtypes):
                 self.head(name, h)[start : start + t] = src.to(dt)
         if new_len < length:
             self._clear(h, new_len, length)
@@ -379,7 +378,7 @@ class CacheLayer:
         if not (self._uniform and self.even):
             raise RuntimeError("delete_all_heads needs a uniform layer with equal head lengths")
         length, k = self.lengths[0], end - start
-        for name in _NAMES:
+        for name in FIELDS:
             buf = self._grid_view(name)
             buf[:, start : length - k] = buf[:, end:length].clone()
             buf[:, length - k : length] = _FILL[name]
@@ -388,32 +387,22 @@ class CacheLayer:
     def rotate(self, delta_pos: torch.Tensor, inv_freq: torch.Tensor) -> None:
         """Rotate stored keys by per-slot position deltas (H, >= max_length) and record the new positions.
 
-        RoPE with the HF "rotate_half" layout: a key at position p is k0 * cos(p w) + rot(k0) * sin(p w),
-        so moving it to p + delta is the same operation with angle delta * w. Done in fp32.
+        The rotation itself: :func:`~agentmem.kv.rope.rotated`.
         """
         lmax = self.max_length
         if lmax == 0:
             return
-        rot_dim = 2 * inv_freq.numel()
-        freq = inv_freq.to(self.device, torch.float64)
+        rot = 2 * inv_freq.numel()
         if self._uniform:  # all heads at once on the (H, cap, d) view
-            self._rotate_rows(self._grid_view("k")[:, :lmax], delta_pos[:, :lmax], freq, rot_dim)
+            keys = self._grid_view("k")[:, :lmax]
+            keys[..., :rot] = rotated(keys, delta_pos[:, :lmax], inv_freq)
             valid = self.valid_mask()
             pos = self._grid_view("pos")[:, :lmax]
             pos.copy_(torch.where(valid, pos + delta_pos[:, :lmax].to(torch.int32), pos))
             return
         for h, n in enumerate(self.lengths):
             if n:
-                self._rotate_rows(self.head("k", h)[:n], delta_pos[h, :n], freq, rot_dim)
+                keys = self.head("k", h)[:n]
+                keys[..., :rot] = rotated(keys, delta_pos[h, :n], inv_freq)
                 pos = self.head("pos", h)[:n]
                 pos += delta_pos[h, :n].to(self.device, torch.int32)
-
-    def _rotate_rows(self, keys: torch.Tensor, delta: torch.Tensor, freq: torch.Tensor, rot_dim: int) -> None:
-        """In place: keys (..., L, d) rotated by delta (..., L) positions (first rot_dim features)."""
-        ang = delta.to(self.device, torch.float64)[..., None] * freq  # (..., L, rot/2)
-        emb = torch.cat([ang, ang], dim=-1)
-        cos, sin = emb.cos().float(), emb.sin().float()
-        half = rot_dim // 2
-        x = keys[..., :rot_dim].float()
-        x_rot = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
-        keys[..., :rot_dim] = (x * cos + x_rot * sin).to(self.dtype)

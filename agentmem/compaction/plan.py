@@ -13,11 +13,14 @@ from typing import TYPE_CHECKING, Protocol
 
 import torch
 
-from ..layer_store import Block
+from ..kv.layer import Block
 
 if TYPE_CHECKING:
-    from ..cache import CompactedCache
+    from ..kv.cache import CompactedCache
     from .queries import QuerySet
+
+
+QUERY_CAP = 8192  # reference queries per KV head a method scores keys with (the default of every method)
 
 
 def split_target(lengths: list[int], target: int) -> list[int]:
@@ -61,10 +64,6 @@ class CompactionPlan:
     requests: list[SpanRequest] = field(default_factory=list)
     queries: str | None = None  # the query source the method needs (None: it needs none)
     budgets: str | None = None  # per-head targets still to be set from the queries ("global", "profile+global")
-
-    @property
-    def empty(self) -> bool:
-        return all(r.span_entries == 0 for r in self.requests)
 
 
 @dataclass

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..budgets import entry_scores
-from ..cache import CompactedCache
-from ..compaction.base import CompactionReport, Replacement, SpanRequest
-from ..compaction.queries import QuerySet
+from ...kv.cache import CompactedCache
+from ..plan import QUERY_CAP, CompactionReport, Replacement, SpanRequest
+from ..queries import QuerySet
+from ..scores import entry_scores
 from .scored import evict, head_queries
 
 
@@ -26,7 +26,7 @@ class H2O:
 
     name: str = "h2o"
     needs_queries: bool = True
-    query_cap: int = 8192
+    query_cap: int = QUERY_CAP
     recent_share: float = 0.5
 
     def compact(

@@ -6,10 +6,10 @@ from dataclasses import dataclass
 
 import torch.nn.functional as F
 
-from ..budgets import entry_scores
-from ..cache import CompactedCache
-from ..compaction.base import CompactionReport, Replacement, SpanRequest
-from ..compaction.queries import QuerySet
+from ...kv.cache import CompactedCache
+from ..plan import QUERY_CAP, CompactionReport, Replacement, SpanRequest
+from ..queries import QuerySet
+from ..scores import entry_scores
 from .scored import evict, head_queries
 
 
@@ -27,7 +27,7 @@ class SnapKV:
 
     name: str = "snapkv"
     needs_queries: bool = True
-    query_cap: int = 8192
+    query_cap: int = QUERY_CAP
     window: int = 32
     pool: int = 7
 

@@ -1,7 +1,7 @@
 """Reference queries that need the model to run: repeat-prefill and self-study scratch passes.
 
-Both run on the live cache inside ``Engine.scratch`` (rolled back afterwards, the query buffer
-untouched) in pieces that fit the free budget, so they never push ``kv_bytes`` past it. A piece
+Both run on the live cache inside the runner's ``scratch`` (rolled back afterwards, the query
+buffer untouched) in pieces that fit the free budget, so they never push ``kv_bytes`` past it. A piece
 of repeat-prefill is the instruction followed by a stretch of the original text of the spans
 being compacted (from the session's transcript, so already-compacted memory is repeated from its
 original tokens); only the queries of the repeated text are kept. Both return None when the
@@ -10,16 +10,17 @@ budget has no room for a useful pass; the session then falls back to buffered qu
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 
-from .compaction.base import CompactionPlan
-from .compaction.queries import QueryCollector, QuerySet
+from .plan import CompactionPlan
+from .queries import QueryCollector, QuerySet
 
 if TYPE_CHECKING:
-    from .cache import CompactedCache
-    from .engine import Engine
+    from ..kv.cache import CompactedCache
 
 REPEAT_INSTRUCTION = "\n\nRepeat the previous context exactly.\n\n"
 SELF_STUDY_PROMPTS = (
@@ -28,6 +29,23 @@ SELF_STUDY_PROMPTS = (
     "\n\nQuestion: Quote the first lines of the text above.\nAnswer:",
 )
 _MIN_PIECE = 16
+
+
+class Runner(Protocol):
+    """What a scratch pass needs of the model's owner (the engine implements it)."""
+
+    tokenizer: Any
+    transcript_ids: Sequence[int]
+
+    def scratch(
+        self, cache: CompactedCache, observer: Callable[[int, torch.Tensor], None] | None = None
+    ) -> AbstractContextManager[CompactedCache]:
+        """Forwards inside leave no trace on ``cache``; ``observer(layer, query)`` sees the queries."""
+        ...
+
+    def forward_chunk(self, cache: CompactedCache, chunk: Sequence[int], keep: str) -> torch.Tensor | None:
+        """One model call on ``chunk`` (room already reserved); logits per ``keep``."""
+        ...
 
 
 class _SkipPrefix(QueryCollector):
@@ -55,17 +73,17 @@ def _span_token_range(cache: CompactedCache, plan: CompactionPlan) -> tuple[int,
 
 
 def repeat_prefill(
-    engine: Engine, cache: CompactedCache, plan: CompactionPlan, max_tokens: int = 2048, piece: int = 256
+    runner: Runner, cache: CompactedCache, plan: CompactionPlan, max_tokens: int = 2048, piece: int = 256
 ) -> QuerySet | None:
     """Queries of the model repeating the spans' original text after an instruction."""
     span = _span_token_range(cache, plan)
     if span is None:
         return None
-    instruction = engine.tokenizer(REPEAT_INSTRUCTION, add_special_tokens=False)["input_ids"]
+    instruction = runner.tokenizer(REPEAT_INSTRUCTION, add_special_tokens=False)["input_ids"]
     room = min(piece, cache.free_tokens() - len(instruction))
     if room < _MIN_PIECE:
         return None
-    text = list(engine.transcript_ids[span[0] : span[1]])
+    text = list(runner.transcript_ids[span[0] : span[1]])
     if len(text) > max_tokens:  # evenly spread pieces over a long span
         n = -(-max_tokens // room)
         starts = torch.linspace(0, len(text) - room, n).round().long().tolist()
@@ -75,27 +93,27 @@ def repeat_prefill(
     collector = _SkipPrefix(cap=2048)
     collector.skip = len(instruction)
     for part in pieces:
-        with engine.scratch(cache, collector):
+        with runner.scratch(cache, collector):
             cache.reserve(len(instruction) + len(part))
-            engine.forward_chunk(cache, instruction + part, "none")
+            runner.forward_chunk(cache, instruction + part, "none")
     return collector.result("repeat-prefill")
 
 
-def self_study(engine: Engine, cache: CompactedCache, answer_tokens: int = 48) -> QuerySet | None:
+def self_study(runner: Runner, cache: CompactedCache, answer_tokens: int = 48) -> QuerySet | None:
     """Queries of the model answering a few questions about what is in memory (greedy)."""
     collector = QueryCollector(cap=2048)
     ran = False
     for prompt in SELF_STUDY_PROMPTS:
-        ids = engine.tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        ids = runner.tokenizer(prompt, add_special_tokens=False)["input_ids"]
         if cache.free_tokens() < len(ids) + _MIN_PIECE:
             continue
-        with engine.scratch(cache, collector):
+        with runner.scratch(cache, collector):
             cache.reserve(len(ids))
-            logits = engine.forward_chunk(cache, ids, "last")
+            logits = runner.forward_chunk(cache, ids, "last")
             for _ in range(answer_tokens):
                 if not cache.fits(1):
                     break
                 cache.reserve(1)
-                logits = engine.forward_chunk(cache, [int(torch.argmax(logits).item())], "last")
+                logits = runner.forward_chunk(cache, [int(torch.argmax(logits).item())], "last")
         ran = True
     return collector.result("self-study") if ran else None

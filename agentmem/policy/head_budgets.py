@@ -11,7 +11,7 @@ head holds:
   are comparable) and the plan's total is a global top-k over all heads and layers.
 * ``profile+global``: the mean of the two allocations.
 
-Sliding-window layers are left alone (they drop their oldest entries; see policy.py). Every mode
+Sliding-window layers are left alone (they drop their oldest entries; see planner.py). Every mode
 keeps at least ``floor`` x the uniform target in each head, so no head is emptied by one context.
 
 Water-filling: head i gets ``min(n_i, max(floor_i, lam * w_i))`` entries with ``lam`` chosen so that
@@ -21,120 +21,23 @@ the total is met, rounded by largest remainder.
 from __future__ import annotations
 
 import copy
-import json
 import math
 import warnings
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from .compaction.base import CompactionPlan, SpanRequest, split_target
-from .errors import ProfileError
+from ..compaction.plan import CompactionPlan, SpanRequest, split_target
+from ..compaction.scores import entry_scores
+from ..errors import ProfileError
+from .config import HeadBudgets
+from .profiles import HeadProfile, check_profile, find_profile, load_profile
 
 if TYPE_CHECKING:
-    from .cache import CompactedCache
-    from .compaction.queries import QuerySet
-    from .models import ModelSpec
-
-PROFILE_FORMAT = "agentmem-head-profile/1"
-HeadBudgets = Literal["auto", "uniform", "profile", "global", "profile+global"]
-_SHARE_TOL = 1e-3
-_QUERY_BLOCK = 1024  # queries scored at a time (memory: block x head length fp32)
-
-
-def policies_dir() -> Path:
-    """The presets and profiles shipped with agentmem (``policies/``, package data or source tree)."""
-    inside = Path(__file__).parent / "policies"
-    return inside if inside.is_dir() else Path(__file__).parent.parent / "policies"
-
-
-def profiles_dir() -> Path:
-    return policies_dir() / "profiles"
-
-
-class HeadProfile(BaseModel):
-    """A calibrated per-head budget profile (a JSON file; see tools/calibrate.py).
-
-    ``curves[i][h][j]``: change of the continuation's mean NLL (nats/token) when KV head h of layer
-    ``layers[i]`` keeps ``ratios[j]`` of its entries while every other head keeps ``baseline``.
-    ``shares[i][h]``: that head's share of the total budget (all shares sum to 1).
-    """
-
-    model_config = ConfigDict(extra="forbid")
-
-    format: Literal["agentmem-head-profile/1"] = PROFILE_FORMAT
-    model: str
-    config_hash: str
-    num_layers: int = Field(ge=1)
-    num_kv_heads: int = Field(ge=1)
-    layers: list[int] = Field(description="layers the shares cover (global-attention layers)")
-    baseline: float = Field(gt=0, le=1)
-    ratios: list[float]
-    curves: list[list[list[float]]]
-    shares: list[list[float]]
-    target_ratios: list[float]
-    max_share: float = Field(gt=0, le=1)
-    calibration: dict = Field(default_factory=dict, description="texts, context, continuation, seconds, ...")
-
-    @model_validator(mode="after")
-    def _consistent(self) -> HeadProfile:
-        n = len(self.layers)
-        if any(not 0 <= layer < self.num_layers for layer in self.layers) or len(set(self.layers)) != n:
-            raise ValueError(f"layers must be distinct indices in [0, {self.num_layers})")
-        for name, rows, width in (("shares", self.shares, None), ("curves", self.curves, len(self.ratios))):
-            if len(rows) != n or any(len(row) != self.num_kv_heads for row in rows):
-                raise ValueError(f"{name} must be {n} layers x {self.num_kv_heads} KV heads")
-            if width is not None and any(len(c) != width for row in rows for c in row):
-                raise ValueError(f"every curve must have one value per ratio ({width})")
-        flat = [s for row in self.shares for s in row]
-        if any(not math.isfinite(s) or s < 0 for s in flat):
-            raise ValueError("shares must be finite and >= 0")
-        if abs(sum(flat) - 1.0) > _SHARE_TOL:
-            raise ValueError(f"shares must sum to 1 (they sum to {sum(flat):.6f})")
-        return self
-
-    def weights(self) -> dict[tuple[int, int], float]:
-        """(layer, head) -> share."""
-        return {(layer, h): s for layer, row in zip(self.layers, self.shares) for h, s in enumerate(row)}
-
-
-def load_profile(path: str | Path) -> HeadProfile:
-    """Read and validate a profile file; raises :class:`ProfileError` saying what is wrong."""
-    path = Path(path)
-    try:
-        data = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise ProfileError(f"head profile {path} does not exist") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ProfileError(f"head profile {path} is not valid JSON ({exc}); re-run `agentmem calibrate`") from exc
-    try:
-        return HeadProfile.model_validate(data)
-    except ValidationError as exc:
-        raise ProfileError(f"head profile {path} is invalid: {exc}") from exc
-
-
-def check_profile(profile: HeadProfile, spec: ModelSpec, path: str | Path = "profile") -> None:
-    if profile.config_hash != spec.config_hash or profile.num_layers != spec.num_layers:
-        raise ProfileError(
-            f"head profile {path} was calibrated for {profile.model!r} (config {profile.config_hash}), "
-            f"not for {spec.name!r} (config {spec.config_hash}); calibrate this model with `agentmem calibrate`"
-        )
-    if profile.num_kv_heads != spec.num_kv_heads:
-        raise ProfileError(f"head profile {path} has {profile.num_kv_heads} KV heads, the model {spec.num_kv_heads}")
-
-
-def find_profile(spec: ModelSpec) -> Path | None:
-    """The shipped profile whose config hash matches the model, if any."""
-    for path in sorted(profiles_dir().glob("*.json")):
-        try:
-            head = json.loads(path.read_text())
-        except (OSError, json.JSONDecodeError, UnicodeDecodeError):
-            continue
-        if isinstance(head, dict) and head.get("config_hash") == spec.config_hash:
-            return path
-    return None
+    from ..compaction.queries import QuerySet
+    from ..kv.cache import CompactedCache
+    from ..spec import ModelSpec
 
 
 def resolve_budgets(
@@ -235,34 +138,6 @@ def retarget(
     targets = water_fill(caps, w, int(uniform.sum()), floor * uniform.double())
     for (r, h), t in zip(pairs, targets):
         _set_head_targets(r, h, t)
-
-
-def entry_scores(
-    cache: CompactedCache,
-    layer_idx: int,
-    h: int,
-    q: torch.Tensor,
-    reduce: str = "max",
-    q_pos: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """Softmax weight each entry of head h gets from queries q (n, d), under the head's full
-    softmax (all its entries, beta included): the largest (``reduce="max"``) or the sum over the
-    queries (``"sum"``). With ``q_pos`` (n,), a query sees only entries at positions <= its own
-    (causal; a query that sees nothing adds nothing). Returns (L_h,) fp32."""
-    layer = cache.layers[layer_idx]
-    n_entries = layer.lengths[h]
-    k = layer.head("k", h)[:n_entries].float()  # (L, d)
-    beta = layer.head("beta", h)[:n_entries].float()  # (L,)
-    k_pos = layer.head("pos", h)[:n_entries].to(torch.long)  # (L,)
-    scale = cache.spec.scaling[layer_idx]
-    out = torch.zeros(n_entries, device=k.device)
-    for a in range(0, q.shape[0], _QUERY_BLOCK):
-        s = torch.addmm(beta[None, :], q[a : a + _QUERY_BLOCK].float(), k.T, alpha=scale)  # (b, L)
-        if q_pos is not None:
-            s.masked_fill_(k_pos[None, :] > q_pos[a : a + _QUERY_BLOCK, None].to(k.device), float("-inf"))
-        w = torch.softmax(s, dim=-1).nan_to_num_(0.0)  # a fully masked row is NaN: no weight
-        out = torch.maximum(out, w.amax(dim=0)) if reduce == "max" else out + w.sum(dim=0)
-    return out
 
 
 def global_targets(

@@ -1,197 +1,38 @@
 """Policies decide WHEN to compact and WHAT span; methods (compaction/, baselines/) decide HOW.
 
-A policy is asked for a :class:`~agentmem.compaction.base.CompactionPlan` when the next forward
+A policy is asked for a :class:`~agentmem.compaction.plan.CompactionPlan` when the next forward
 would not fit the byte budget (``plan_for_budget``) or when the user calls
 ``session.compact(ratio)`` (``plan_for_ratio``). It protects attention sinks, pinned token ranges
 (e.g. a system prompt) and, online, a recent window; everything else is compactable.
 
-Policies are selected by name (``resolve_policy("am-halve")``), from a preset file (JSON or TOML,
-settings at the top level or under a ``policy`` key), or from a config object.
+How many entries each (layer, KV head) keeps is decided here and only here: a plan starts with
+uniform targets, :meth:`Policy.plan_for_budget` / :meth:`Policy.plan_for_ratio` apply the
+profile shares, and :meth:`Policy.allocate` the per-context (global) ones once the engine has
+reference queries (head_budgets.py holds the arithmetic).
 """
 
 from __future__ import annotations
 
-import json
 import math
-import tomllib
-from pathlib import Path
-from typing import Annotated, ClassVar, Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
+from pydantic import BaseModel
 
-from .budgets import HeadBudgets, HeadProfile, policies_dir, resolve_budgets, retarget
-from .cache import CompactedCache
-from .compaction.base import CompactionPlan, Method, SpanRequest, split_target
-from .errors import BudgetError, UnknownPolicyError
-from .layer_store import CacheLayer
-from .methods import make_method
-from .models import ModelSpec
+from ..compaction.methods import make_method
+from ..compaction.plan import CompactionPlan, Method, SpanRequest, split_target
+from ..compaction.queries import QuerySet
+from ..errors import BudgetError
+from ..kv.cache import CompactedCache
+from ..kv.layer import CacheLayer
+from ..spec import ModelSpec
+from .config import AMConfig, SpanConfig, WindowConfig
+from .head_budgets import apply_global, resolve_budgets, retarget
+from .profiles import HeadProfile
 
 TokenRange = tuple[int, int]
+DEFAULT_TOOL_RATIO = 0.25  # tool_result's default for policies without a ``tool_ratio`` setting (window policies)
 _MIN_RECENT = 8
 _ONLINE_MAX_KEEP = 0.75
-
-
-class WindowConfig(BaseModel):
-    """Attention sinks + a recent window (StreamingLLM); ``truncate`` is the same without sinks.
-
-    When the budget fills, everything between the sinks and the recent window is dropped so that
-    the cache falls back to ``fill_after`` of the tokens the budget holds (minus the incoming
-    chunk): compaction happens in batches, not on every token.
-    """
-
-    model_config = ConfigDict(extra="forbid")
-
-    name: Literal["streaming", "truncate"] = "streaming"
-    sinks: int = Field(default=4, ge=0)
-    min_recent: int = Field(default=8, ge=1, description="smallest recent window the budget must allow")
-    fill_after: float = Field(default=0.75, gt=0.0, le=1.0)
-
-
-_Queries = Literal["recent", "context", "repeat-prefill", "self-study"]
-
-
-class SpanConfig(BaseModel):
-    """Settings shared by the policies that replace spans using reference queries: Attention
-    Matching and the scored-eviction baselines (H2O, SnapKV, KVzip). When the budget fills, every
-    compactable span (between the protected sinks / pinned ranges and the exact recent window)
-    shrinks to ``ratio`` of its physical size; ``session.compact(ratio)`` shrinks everything else.
-    """
-
-    model_config = ConfigDict(extra="forbid")
-
-    sinks: int = Field(default=4, ge=0)
-    recent: int = Field(
-        default=64, ge=0, description="exact recent window (tokens), never compacted online; at most 1/4 of the budget"
-    )
-    recent_share: float = Field(
-        default=0.25, gt=0.0, le=0.75, description="the recent window takes at most this share of the budget"
-    )
-    ratio: float = Field(default=0.5, gt=0.0, lt=1.0)
-    queries: _Queries = Field(default="recent", description="reference queries for online (budget) compaction")
-    offline_queries: _Queries = Field(
-        default="repeat-prefill", description="reference queries for session.compact(ratio)"
-    )
-    query_buffer: int = Field(default=128, ge=1, description="tokens kept by the recent/context query buffer")
-    query_cap: int = Field(default=8192, ge=1, description="reference queries per KV head for scoring keys")
-    head_budgets: HeadBudgets = Field(
-        default="uniform",
-        description="how an online (budget) compaction shares entries between KV heads: uniform (measured best "
-        "online, docs/benchmarks/online_budgets.md), profile (the model's calibrated shares), auto (profile when "
-        "one is shipped for the model, else uniform), global (per context, top-k over all heads) or profile+global",
-    )
-    offline_head_budgets: HeadBudgets | None = Field(
-        default="global",
-        description="head budgets for session.compact(ratio), where repeat-prefill queries make the per-context "
-        "global allocation possible (docs/benchmarks/quality_budgets.md); None = head_budgets",
-    )
-    profile: str | None = Field(default=None, description="a head profile file (default: the shipped one)")
-    head_floor: float = Field(
-        default=0.1, ge=0.0, le=1.0, description="non-uniform budgets keep at least this x the uniform target per head"
-    )
-    tool_ratio: float = Field(
-        default=0.25, gt=0.0, le=1.0, description="session.tool_result: keep this fraction of a tool output's tokens"
-    )
-
-    method_name: ClassVar[str]
-
-    def method_settings(self) -> dict:
-        """Keyword arguments of the method (methods.make_method) this config runs."""
-        return {"query_cap": self.query_cap}
-
-
-class AMConfig(SpanConfig):
-    """Attention Matching, halving (the default policy, ``am-halve``). Re-compacting an already
-    compacted span includes its beta."""
-
-    name: Literal["am-halve"] = "am-halve"
-    query_buffer: int = Field(
-        default=256,
-        ge=1,
-        description="recent queries kept for online fits: 256 fit reasoning traces with 0.56x the KL of 128 "
-        "(docs/benchmarks/reasoning.md), same KL on long text",
-    )
-    on_policy_groups: int = Field(
-        default=1, ge=1, description="offline: recompute the queries this many times, layer group by group (1 = off)"
-    )
-    fit_query_cap: int = Field(
-        default=512, ge=1, description="per chunk, the queries attending to it most that fit its beta and values"
-    )
-    selection: Literal["highest", "highest-max", "highest-mean", "omp"] = Field(
-        default="highest", description="key selection: highest attention (RMS / max / mean over queries) or OMP"
-    )
-    omp_step: int = Field(default=8, ge=1, description="keys added per refit in OMP (1 = plain OMP)")
-    chunk: int = Field(default=512, ge=8, description="long spans are compacted in independent chunks of this size")
-    ridge: float = Field(default=1.0, ge=0.0, description="value fit regularisation toward copied values")
-    beta_ridge: float = Field(default=1e-2, ge=0.0, description="beta fit regularisation toward one common weight")
-    beta_iters: int = Field(default=5, ge=0, description="projected-gradient steps of the beta fit")
-    fit_beta: bool = Field(default=True, description="False: beta = 0 (ablation)")
-    fit_values: bool = Field(default=True, description="False: copied values (ablation)")
-    span_selection: bool = Field(default=True, description="rank keys over a whole span, not chunk by chunk")
-    selection_dtype: Literal["auto", "bfloat16", "float32"] = Field(
-        default="float32", description="products used to rank keys; auto = bf16 on CUDA (the fits are always fp32)"
-    )
-
-    method_name: ClassVar[str] = "am"
-
-    def method_settings(self) -> dict:
-        names = ("selection", "omp_step", "chunk", "query_cap", "fit_query_cap", "ridge", "beta_ridge", "beta_iters")
-        names += ("fit_beta", "fit_values", "span_selection", "selection_dtype")
-        return {n: getattr(self, n) for n in names}
-
-
-class H2OConfig(SpanConfig):
-    """H2O (baselines/scored.py): heavy hitters by attention accumulated over the context's own
-    queries (a uniform reservoir of them, causally masked) + the most recent entries."""
-
-    name: Literal["h2o"] = "h2o"
-    queries: _Queries = "context"
-    offline_queries: _Queries = "context"
-    query_buffer: int = 512
-    offline_head_budgets: HeadBudgets | None = "uniform"
-    recent_share: float = Field(
-        default=0.5, ge=0.0, le=1.0, description="share of a span's target kept as its newest entries"
-    )
-
-    method_name: ClassVar[str] = "h2o"
-
-    def method_settings(self) -> dict:
-        return {"query_cap": self.query_cap, "recent_share": self.recent_share}
-
-
-class SnapKVConfig(SpanConfig):
-    """SnapKV (baselines/scored.py): votes of an observation window of the newest ``query_buffer``
-    queries, max-pooled over neighbouring entries; the window itself is kept."""
-
-    name: Literal["snapkv"] = "snapkv"
-    queries: _Queries = "recent"
-    offline_queries: _Queries = "recent"
-    query_buffer: int = Field(default=32, ge=1, description="the observation window (tokens)")
-    offline_head_budgets: HeadBudgets | None = "uniform"
-    pool: int = Field(default=7, ge=1, description="max-pooling kernel over neighbouring entries (odd)")
-
-    method_name: ClassVar[str] = "snapkv"
-
-    def method_settings(self) -> dict:
-        return {"query_cap": self.query_cap, "pool": self.pool, "window": self.query_buffer}
-
-
-class KVzipConfig(SpanConfig):
-    """KVzip-style (baselines/scored.py): entries scored by their largest attention from a
-    repeat-prefill pass, top-k over all heads and layers (global head budgets)."""
-
-    name: Literal["kvzip"] = "kvzip"
-    queries: _Queries = "repeat-prefill"
-    head_budgets: HeadBudgets = "global"
-    offline_head_budgets: HeadBudgets | None = "global"
-    head_floor: float = Field(default=0.0, ge=0.0, le=1.0)
-
-    method_name: ClassVar[str] = "kvzip"
-
-
-PolicyConfig = Annotated[WindowConfig | AMConfig | H2OConfig | SnapKVConfig | KVzipConfig, Field(discriminator="name")]
-_CONFIG_ADAPTER: TypeAdapter = TypeAdapter(PolicyConfig)
 
 
 def compactable_runs(layer: CacheLayer, protected: list[TokenRange], keep_recent: int) -> list[list[TokenRange]]:
@@ -240,6 +81,7 @@ class Policy:
 
     head_budgets = "uniform"  # effective mode after attach(); a one-line description for stats
     budgets_description = "uniform"
+    on_policy_groups = 1  # offline: layer groups whose queries are recomputed after the ones below (1 = off)
 
     @property
     def name(self) -> str:
@@ -249,7 +91,16 @@ class Policy:
         """Bind to the session's model (e.g. to find its head profile). Called by the engine."""
 
     def sinks(self) -> int:
-        return getattr(self.config, "sinks", 0)
+        return self.config.sinks
+
+    @property
+    def tool_ratio(self) -> float:
+        """Share of a tool output's tokens that ``session.tool_result`` keeps by default."""
+        return DEFAULT_TOOL_RATIO
+
+    def allocate(self, plan: CompactionPlan, cache: CompactedCache, queries: QuerySet) -> None:
+        """Per-context head budgets for a plan that asks for them (``plan.budgets``), from the
+        reference queries the engine gathered for it. Policies without such budgets do nothing."""
 
     def protected(self, pinned: list[TokenRange]) -> list[TokenRange]:
         sinks = self.sinks()
@@ -354,6 +205,19 @@ class SpanPolicy(Policy):
     profile: HeadProfile | None = None
     offline_budgets = "uniform"
 
+    @property
+    def tool_ratio(self) -> float:
+        return self.config.tool_ratio
+
+    @property
+    def on_policy_groups(self) -> int:
+        return self.config.on_policy_groups if isinstance(self.config, AMConfig) else 1
+
+    def allocate(self, plan: CompactionPlan, cache: CompactedCache, queries: QuerySet) -> None:
+        if plan.budgets:
+            profile = self.profile if plan.budgets == "profile+global" else None
+            apply_global(plan, cache, queries, self.config.query_cap, self.config.head_floor, profile)
+
     def attach(self, spec: ModelSpec) -> None:
         c = self.config
         self.head_budgets, self.profile, self.budgets_description = resolve_budgets(c.head_budgets, c.profile, spec)
@@ -418,73 +282,3 @@ class SpanPolicy(Policy):
 
     def _offline_queries(self) -> str | None:
         return self.config.offline_queries
-
-
-_POLICIES: dict[str, type[Policy]] = {
-    "streaming": WindowPolicy,
-    "truncate": WindowPolicy,
-    "am-halve": SpanPolicy,
-    "h2o": SpanPolicy,
-    "snapkv": SpanPolicy,
-    "kvzip": SpanPolicy,
-}
-
-
-DEFAULT_POLICY = "am-halve"
-
-
-def preset_dir() -> Path:
-    """The policy presets shipped with agentmem (``policies/`` of the package data or source tree)."""
-    return policies_dir()
-
-
-def available_policies() -> list[str]:
-    return sorted(_POLICIES)
-
-
-def available_presets() -> list[str]:
-    return sorted(p.stem for p in preset_dir().glob("*.toml"))
-
-
-def policy_from_config(config: BaseModel | dict) -> Policy:
-    if isinstance(config, dict):
-        name = config.get("name")
-        if name not in _POLICIES:
-            raise UnknownPolicyError(f"unknown policy {name!r}; known policies: {', '.join(available_policies())}")
-        try:
-            config = _CONFIG_ADAPTER.validate_python(config)
-        except ValidationError as exc:
-            raise UnknownPolicyError(f"invalid settings for policy {name!r}: {exc}") from exc
-    name = getattr(config, "name", None)
-    if name not in _POLICIES:
-        raise UnknownPolicyError(f"unknown policy {name!r}; known policies: {', '.join(available_policies())}")
-    return _POLICIES[name](config)
-
-
-def resolve_policy(policy: str | Path | BaseModel | dict | Policy | None) -> Policy:
-    """A policy from a name, a preset file (JSON/TOML), a config object or dict, or a Policy instance."""
-    if policy is None:
-        policy = DEFAULT_POLICY
-    if isinstance(policy, Policy):
-        return policy
-    if isinstance(policy, (BaseModel, dict)):
-        return policy_from_config(policy)
-    text = str(policy)
-    if text in _POLICIES:
-        return policy_from_config({"name": text})
-    path = Path(text)
-    if not path.suffix and (preset_dir() / f"{text}.toml").is_file():  # a preset shipped with agentmem
-        path = preset_dir() / f"{text}.toml"
-    if path.suffix in (".json", ".toml"):
-        if not path.is_file():
-            raise UnknownPolicyError(f"policy preset {text!r} does not exist")
-        raw = path.read_text()
-        try:
-            data = json.loads(raw) if path.suffix == ".json" else tomllib.loads(raw)
-        except (json.JSONDecodeError, tomllib.TOMLDecodeError) as exc:
-            raise UnknownPolicyError(f"policy preset {text!r} is not valid {path.suffix[1:].upper()}: {exc}") from exc
-        return policy_from_config(data.get("policy", data))
-    raise UnknownPolicyError(
-        f"unknown policy {text!r}; known policies: {', '.join(available_policies())}; presets: "
-        f"{', '.join(available_presets())} (or a .json/.toml file)"
-    )

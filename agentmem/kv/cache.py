@@ -24,9 +24,10 @@ from dataclasses import dataclass, field
 import torch
 from transformers.cache_utils import Cache
 
-from .errors import BudgetError, CompactionError
-from .layer_store import _ALIGN, _GROWTH, _NAMES, Block, CacheLayer, _round_up
-from .models import ModelSpec
+from ..errors import BudgetError, CompactionError
+from ..spec import ModelSpec
+from ..units import MiB
+from .layer import ALIGN, FIELDS, GROWTH, Block, CacheLayer, round_up
 
 # per KV head: the spans to replace, as (start, end, block); block None deletes the span
 HeadSpans = Sequence[tuple[int, int, "Block | None"]]
@@ -114,19 +115,19 @@ class CompactedCache(Cache):
         Tries geometric growth first, then exact sizes. A plan is accepted only if its peak, counting
         the old and the new buffer of the layer being re-allocated, stays within ``max_bytes``.
         """
-        if all(a + n <= c for layer in self.layers for a, c in zip(layer.lengths, layer._caps)):
+        if all(a + n <= c for layer in self.layers for a, c in zip(layer.lengths, layer.caps)):
             return [layer.caps for layer in self.layers]
-        # geometric growth, else to the next multiple of _ALIGN, else exact: near the budget a layer
-        # is re-allocated every _ALIGN tokens rather than on every token
+        # geometric growth, else to the next multiple of ALIGN, else exact: near the budget a layer
+        # is re-allocated every ALIGN tokens rather than on every token
         growth = (
-            lambda m, c: _round_up(max(m, int(c * _GROWTH), _ALIGN)),
-            lambda m, c: _round_up(m),
+            lambda m, c: round_up(max(m, int(c * GROWTH), ALIGN)),
+            lambda m, c: round_up(m),
             lambda m, c: m,
         )
         for grow in growth:
             plan = []
             for layer in self.layers:
-                plan.append([c if c >= a + n else grow(a + n, c) for a, c in zip(layer.lengths, layer._caps)])
+                plan.append([c if c >= a + n else grow(a + n, c) for a, c in zip(layer.lengths, layer.caps)])
             if self._plan_peak(plan) <= (self.max_bytes if self.max_bytes is not None else math.inf):
                 return plan
         return None
@@ -137,7 +138,7 @@ class CompactedCache(Cache):
         total = sum(current)
         peak = total
         for i, (layer, caps) in enumerate(zip(self.layers, plan)):
-            if caps != layer._caps:
+            if caps != layer.caps:
                 new = sum(caps) * layer.head_slot_bytes()
                 peak = max(peak, total + new)  # old and new buffers of layer i coexist
                 total += new - current[i]
@@ -151,11 +152,11 @@ class CompactedCache(Cache):
         plan = self._plan_capacities(n)
         if plan is None:
             raise BudgetError(
-                f"{n} more tokens need {n * self.bytes_per_token() / 2**20:.2f} MiB more KV memory; "
-                f"the cache holds {self.kv_bytes / 2**20:.2f} of max {self.max_bytes / 2**20:.2f} MiB"
+                f"{n} more tokens need {n * self.bytes_per_token() / MiB:.2f} MiB more KV memory; "
+                f"the cache holds {self.kv_bytes / MiB:.2f} of max {self.max_bytes / MiB:.2f} MiB"
             )
         for layer, caps in zip(self.layers, plan):
-            if caps != layer._caps:
+            if caps != layer.caps:
                 self._note_peak(sum(caps) * layer.head_slot_bytes())
                 layer.resize(caps)
         self._note_peak()
@@ -192,8 +193,8 @@ class CompactedCache(Cache):
         for layer in self.layers:
             if uneven_only and layer.even:
                 continue
-            caps = [min(c, _round_up(a + spare)) for a, c in zip(layer.lengths, layer._caps)]
-            if sum(caps) < sum(layer._caps):
+            caps = [min(c, round_up(a + spare)) for a, c in zip(layer.lengths, layer.caps)]
+            if sum(caps) < sum(layer.caps):
                 extra = sum(caps) * layer.head_slot_bytes()
                 if self.max_bytes is None or self.kv_bytes + extra <= self.max_bytes:
                     self._note_peak(extra)
@@ -208,8 +209,6 @@ class CompactedCache(Cache):
         self._new_tok = torch.arange(
             self.logical_length, self.logical_length + n, dtype=torch.int32, device=self.device
         )
-        for layer in self.layers:
-            layer.step_new = 0
         return self._new_pos.to(torch.long)[None, :]
 
     @property
@@ -229,7 +228,6 @@ class CompactedCache(Cache):
         """Undo appends made since ``snapshot_lengths`` (a failed or scratch forward)."""
         for layer, lens in zip(self.layers, lengths):
             layer.truncate_to(lens)
-            layer.step_new = 0
             layer.refresh_meta()
         self._new_pos = self._new_tok = None
 
@@ -319,7 +317,6 @@ class CompactedCache(Cache):
             layer.truncate_to(txn.lengths[i])
             if layer.caps != txn.caps[i]:
                 layer.resize(txn.caps[i])
-            layer.step_new = 0
             layer.refresh_meta()
         self.logical_length = txn.logical_length
         self.position_offset = txn.position_offset
@@ -469,7 +466,7 @@ class CompactedCache(Cache):
         layers = meta.get("layers")
         if not isinstance(layers, list) or len(layers) != len(self.layers):
             raise ValueError(f"the state has {len(layers or [])} layers, the model {len(self.layers)}")
-        split = [{name: tensors.get(f"layers.{i}.{name}") for name in _NAMES} for i in range(len(layers))]
+        split = [{name: tensors.get(f"layers.{i}.{name}") for name in FIELDS} for i in range(len(layers))]
         for i, (layer, t, m) in enumerate(zip(self.layers, split, layers)):
             try:
                 layer.check_state(t, m)
@@ -479,15 +476,15 @@ class CompactedCache(Cache):
             if not isinstance(meta.get(key), int) or meta[key] < 0:
                 raise ValueError(f"{key} must be an int >= 0, got {meta.get(key)!r}")
         caps = [m["caps"] for m in layers]
-        for trim in (lambda n, c: c, lambda n, c: min(c, _round_up(n)), lambda n, c: n):
+        for trim in (lambda n, c: c, lambda n, c: min(c, round_up(n)), lambda n, c: n):
             caps = [[trim(n, c) for n, c in zip(m["lengths"], m["caps"])] for m in layers]
             need = sum(sum(c) * layer.head_slot_bytes() for c, layer in zip(caps, self.layers))
             if self.max_bytes is None or need <= self.max_bytes:
                 break
         else:
             raise BudgetError(
-                f"the saved cache needs {need / 2**20:.4g} MiB of KV memory in {self.dtype}; max_kv_mb="
-                f"{self.max_bytes / 2**20:.4g} is too small: use max_kv_mb >= {math.ceil(need / 2**20 * 100) / 100:.2f}"
+                f"the saved cache needs {need / MiB:.4g} MiB of KV memory in {self.dtype}; max_kv_mb="
+                f"{self.max_bytes / MiB:.4g} is too small: use max_kv_mb >= {math.ceil(need / MiB * 100) / 100:.2f}"
             )
         for layer, t, m, c in zip(self.layers, split, layers, caps):
             layer.load_state(t, m, c)
@@ -496,26 +493,6 @@ class CompactedCache(Cache):
         self._new_pos = self._new_tok = None
         self.peak_bytes = 0
         self._note_peak(max(0, meta["peak_bytes"] - self.kv_bytes))
-
-    def describe(self) -> dict:
-        return {
-            "kv_bytes": self.kv_bytes,
-            "payload_bytes": self.payload_bytes,
-            "max_bytes": self.max_bytes,
-            "logical_tokens": self.logical_length,
-            "physical_tokens": self.physical_tokens,
-            "next_position": self.next_position,
-            "layers": [
-                {
-                    "lengths": list(layer.lengths),
-                    "capacity": layer.capacity,
-                    "caps": layer.caps,
-                    "has_bias": layer.has_bias,
-                    "sliding_window": layer.sliding_window,
-                }
-                for layer in self.layers
-            ],
-        }
 
 
 class BatchedCaches(Cache):
