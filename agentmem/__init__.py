@@ -1,5 +1,8 @@
 """agentmem: run a language model for as long as an agent needs inside a fixed KV-cache budget."""
 
+from ._version import __version__
+from .agent import AgentSession
+from .batch import generate_batch
 from .cartridge import Cartridge
 from .errors import (
     AgentMemError,
@@ -10,11 +13,11 @@ from .errors import (
     SessionFileError,
     UnknownPolicyError,
 )
-from .events import CompactionEvent, GenerationResult, SessionStats, StreamEvent
+from .events import CompactionEvent, GenerationResult, ScoreResult, SessionStats, StreamEvent
 from .kv.positions import PositionConfig
 from .recall import RECALL_TOOL, RecallResult
-from .session import AgentSession, ScoreResult, generate_batch
-from .toolcalls import ToolReceipt
+from .session import Session
+from .tools import ToolReceipt
 
 __all__ = [
     "AgentMemError",
@@ -30,12 +33,12 @@ __all__ = [
     "RECALL_TOOL",
     "RecallResult",
     "ScoreResult",
+    "Session",
     "SessionFileError",
     "SessionStats",
     "StreamEvent",
     "ToolReceipt",
     "UnknownPolicyError",
+    "__version__",
     "generate_batch",
 ]
-
-__version__ = "0.1.0"

@@ -28,11 +28,11 @@ from pathlib import Path
 
 import torch
 
+from .agent import AgentSession
 from .files import atomic_write
 from .models import LoadedModel, load_model
 from .policy.config import AMConfig
 from .policy.profiles import HeadProfile, profiles_dir
-from .session import AgentSession
 
 DEFAULT_TEXTS = ("difflib", "/usr/share/common-licenses/GPL-3")
 DEFAULT_RATIOS = (0.02, 0.05, 0.25, 0.5, 1.0)

@@ -34,7 +34,7 @@ from .events import CompactionEvent
 from .units import MiB
 
 if TYPE_CHECKING:
-    from .session import AgentSession
+    from .agent import AgentSession
 
 
 class Cartridge:
@@ -68,7 +68,7 @@ class Cartridge:
         queries, global head budgets); ``queries`` overrides the query source. ``ratio=1`` keeps
         the document exact.
         """
-        from .session import AgentSession
+        from .agent import AgentSession
 
         if not isinstance(text, str) or not text:
             raise ValueError("a cartridge needs non-empty text")
@@ -80,7 +80,7 @@ class Cartridge:
             session.compact(ratio, queries=queries)
         elif ratio != 1:
             raise ValueError(f"ratio must be in (0, 1] (got {ratio})")
-        tensors, meta = persist.session_state(session)
+        tensors, meta = session.state()
         meta["cartridge"] = {"ratio": ratio, "tokens": len(session.transcript_ids), "chars": len(text)}
         return cls(tensors, meta)
 
@@ -150,13 +150,13 @@ class Cartridge:
         budget that would do) or :class:`~agentmem.errors.AgentMemError` (session not empty); the
         session is unchanged when anything fails.
         """
-        with session._lock:
-            if len(session.transcript_ids) or session._pending or session.cache.logical_length:
+        with session.transaction():
+            if len(session.transcript_ids) or session.engine.pending or session.cache.logical_length:
                 raise AgentMemError(
                     "a cartridge can only be mounted into an empty session (before anything is read); "
                     "create a new AgentSession and mount it first"
                 )
-            persist.check_model(self.meta["model"], session._loaded, f"cartridge {self.model_name!r}")
+            persist.check_model(self.meta["model"], session.loaded, f"cartridge {self.model_name!r}")
             need = self.bytes_needed(session)
             if session.max_kv_bytes is not None and need > session.max_kv_bytes:
                 raise BudgetError(
@@ -166,7 +166,7 @@ class Cartridge:
                     f"{session.max_kv_bytes / MiB:g}), or build the cartridge with a smaller ratio"
                 )
             try:
-                persist.restore(session, self.tensors, self.meta, full=False)
+                session.load_state(self.tensors, self.meta, full=False)
             except (KeyError, TypeError, ValueError) as exc:
                 if isinstance(exc, AgentMemError):
                     raise
@@ -179,7 +179,7 @@ class Cartridge:
         ``model`` defaults to the model named in the cartridge (in the dtype it was built in);
         other keyword arguments go to ``AgentSession``.
         """
-        from .session import AgentSession
+        from .agent import AgentSession
 
         if model is None:
             model = persist.model_source(self.meta["model"], f"the cartridge of {self.model_name!r}")

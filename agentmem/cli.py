@@ -23,7 +23,7 @@ def _add_session_args(p: argparse.ArgumentParser) -> None:
 
 
 def _session(args):
-    from .session import AgentSession
+    from .agent import AgentSession
 
     return AgentSession(
         model=args.model,
@@ -82,8 +82,8 @@ DEMO_PROBLEM = (
 def cmd_demo(args) -> int:
     """The main job on the capable model: a word problem reasoned out step by step under a budget the
     run outgrows several times, then the answer and memory used against an unbounded run."""
+    from .agent import AgentSession
     from .bench.problems import INSTRUCTION, extract_answer
-    from .session import AgentSession
 
     session = AgentSession(model=args.model, max_kv_mb=args.max_kv_mb, policy=args.policy, device=args.device)
     holds = session.cache.max_tokens()

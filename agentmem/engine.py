@@ -36,6 +36,11 @@ class Engine:
     ``transcript_ids`` holds every token accepted, in order (compaction never touches it): token i
     of the transcript is the entry whose ``tok`` is i. ``pinned`` lists token ranges no policy may
     compact; ``compactions`` every compaction applied to this cache.
+
+    Invariant: the last token accepted is *pending* (``pending``) -- in the transcript, but not yet
+    run through the model. The next call runs it first, so there are always logits for what comes
+    next without storing any. ``started``: whether anything has been read (raw text gets a BOS
+    only at the very start).
     """
 
     def __init__(
@@ -69,7 +74,55 @@ class Engine:
         self.compactions: list[CompactionEvent] = []
         self.pinned: list[tuple[int, int]] = []
         self.transcript_ids = array("i")
+        self.pending: list[int] = []
+        self.started = False
         self.cache.query_buffer = self._query_buffer_for(policy)
+
+    # ------------------------------------------------------------------ tokens in, logits out
+    def read(self, ids: Sequence[int], record: list[CompactionEvent] | None) -> None:
+        """Accept tokens: run what is pending and all but the last; the last becomes pending."""
+        if not ids:
+            return
+        todo = self.take(ids)
+        self.pending = todo[-1:]
+        if len(todo) > 1:
+            self.run(self.cache, todo[:-1], "none", record)
+
+    def take(self, ids: Sequence[int]) -> list[int]:
+        """Accept ``ids`` into the transcript and return what must now run through the model: the
+        pending token(s), then ``ids`` (nothing stays pending; for a caller that runs them itself)."""
+        todo = self.pending + list(ids)
+        self.pending, self.started = [], True
+        self.transcript_ids.extend(ids)
+        return todo
+
+    def predict(self, ids: Sequence[int], record: list[CompactionEvent] | None) -> torch.Tensor:
+        """Accept ``ids`` and run them with what is pending; the next-token logits (V,) fp32."""
+        return self.run(self.cache, self.take(ids), "last", record)
+
+    def accept(self, token: int) -> None:
+        """A sampled token joins the transcript and becomes pending."""
+        self.pending = [token]
+        self.transcript_ids.append(token)
+
+    def mark(self) -> tuple:
+        """What :meth:`restore` puts back (the cache has its own transaction): transcript length,
+        pins, ledger length, pending tokens, ``started`` and the policy."""
+        return (
+            len(self.transcript_ids),
+            list(self.pinned),
+            len(self.compactions),
+            list(self.pending),
+            self.started,
+            self.policy,
+        )
+
+    def restore(self, mark: tuple) -> None:
+        n_ids, pinned, n_events, pending, started, policy = mark
+        del self.transcript_ids[n_ids:]
+        self.pinned[:] = pinned
+        del self.compactions[n_events:]
+        self.pending, self.started, self.policy = pending, started, policy
 
     def _query_buffer_for(self, policy: Policy) -> QueryBuffer | None:
         """The query buffer a policy's methods read (None for policies that need no queries)."""
@@ -118,6 +171,7 @@ class Engine:
         other.compactions = list(self.compactions)
         other.pinned = list(self.pinned)
         other.transcript_ids = array("i", self.transcript_ids)
+        other.pending = list(self.pending)
         return other
 
     def make_room(self, cache: CompactedCache, n: int, record: list[CompactionEvent] | None) -> None:
@@ -130,12 +184,9 @@ class Engine:
             if cache.fits(n):
                 break
             plan = self.policy.plan_for_budget(cache, n, self.pinned)
-            event = self.execute(cache, plan, self.policy.method)
             # release what the compaction freed: with uneven heads, a head that kept all its entries
             # can only grow into memory given back by the others (even heads refill their own slots)
-            cache.shrink_to_fit(spare=n, uneven_only=True)
-            if record is not None:
-                record.append(event)
+            event = self.compact(cache, plan, self.policy.method, record, spare=n, uneven_only=True)
             if event.payload_bytes_after >= event.payload_bytes_before:
                 break
         if not cache.fits(n):
@@ -144,6 +195,28 @@ class Engine:
                 f"{cache.max_bytes / MiB:.2f} MiB; raise max_kv_mb or lower chunk_tokens"
             )
         cache.reserve(n)
+
+    def compact(
+        self,
+        cache: CompactedCache,
+        plan: CompactionPlan,
+        method,
+        record: list[CompactionEvent] | None,
+        *,
+        source: str | None = None,
+        groups: int = 1,
+        planner: Policy | None = None,
+        spare: int = 0,
+        uneven_only: bool = False,
+    ) -> CompactionEvent:
+        """Apply a plan (:meth:`execute`), give back the capacity it freed (keeping ``spare`` slots
+        per head; ``uneven_only``: only in layers whose heads differ) and log the event in ``record``."""
+        event = self.execute(cache, plan, method, source, groups, planner)
+        cache.shrink_to_fit(spare=spare, uneven_only=uneven_only)
+        event.kv_bytes_after = cache.kv_bytes
+        if record is not None:
+            record.append(event)
+        return event
 
     def execute(
         self,
@@ -356,6 +429,15 @@ def forward_batch(
         return [None] * len(engines)
     logits = result.logits.float()
     return list(logits.unbind(0)) if keep == "all" else list(logits[:, -1].unbind(0))
+
+
+def step_batch(engines: Sequence[Engine], records: Sequence[list[CompactionEvent] | None]) -> list[torch.Tensor]:
+    """Run each engine's pending token(s) in one batched call (as many pending in each); returns
+    their next-token logits (V,) and leaves nothing pending."""
+    logits = forward_batch(engines, [e.pending for e in engines], records)
+    for e in engines:
+        e.pending = []
+    return logits
 
 
 def run_batch(

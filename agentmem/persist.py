@@ -1,6 +1,9 @@
-"""Saving and loading sessions (and cartridges): one safetensors file with JSON metadata in its header.
+"""The session file format (sessions and cartridges): one safetensors file with JSON metadata in its header.
 
-A saved session continues exactly where it stopped: same cache entries, capacities and positions,
+This module knows the format only: writing and reading files atomically and verified, the model
+identity a file records, and the validation of a file's session part. The session serialises
+itself (:meth:`~agentmem.session.Session.state` / ``load_state``, as each cache layer does); a
+saved session continues exactly where it stopped: same cache entries, capacities and positions,
 same pending token, query buffer, sampler state, policy and compaction ledger, so the next-token
 logits and every later compaction are those the original session would have produced.
 
@@ -46,23 +49,15 @@ import logging
 import os
 from array import array
 from pathlib import Path
-from types import EllipsisType
-from typing import TYPE_CHECKING, Any
 
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from .errors import AgentMemError, ModelMismatchError, ModelNotFoundError, SessionFileError
-from .events import CompactionEvent
+from .errors import ModelMismatchError, ModelNotFoundError, SessionFileError
+from .events import Archived, CompactionEvent
 from .files import atomic_write
-from .kv.positions import PositionConfig
-from .models import _EMBEDDED_HINTS, LoadedModel
-from .recall import Archived
-from .units import MiB
-
-if TYPE_CHECKING:
-    from .session import AgentSession
+from .models import EMBEDDED_HINTS, LoadedModel
 
 log = logging.getLogger(__name__)
 
@@ -103,7 +98,7 @@ def model_identity(loaded: LoadedModel) -> dict:
         "path": str(loaded.path),
         "model_type": loaded.spec.model_type,
         "config_hash": loaded.spec.config_hash,
-        "dtype": _dtype_name(loaded.dtype),
+        "dtype": dtype_name(loaded.dtype),
         "device": str(loaded.device),
         "fingerprint": weights_fingerprint(loaded.model),
     }
@@ -115,13 +110,13 @@ def check_model(saved: dict, loaded: LoadedModel, source: str) -> None:
     The config hash (``ModelSpec.config_hash``) must match; sampled weights must agree to within
     bf16 rounding (so fp32 and bf16 copies of one model match, a fine-tune does not).
     """
-    here = f"{loaded.name!r} ({loaded.spec.model_type}, config {loaded.spec.config_hash}, {_dtype_name(loaded.dtype)})"
+    here = f"{loaded.name!r} ({loaded.spec.model_type}, config {loaded.spec.config_hash}, {dtype_name(loaded.dtype)})"
     there = (
         f"{saved.get('name')!r} ({saved.get('model_type')}, config {saved.get('config_hash')}, {saved.get('dtype')})"
     )
     if saved.get("config_hash") != loaded.spec.config_hash:
         hint = ""
-        if saved.get("dtype") != _dtype_name(loaded.dtype) and saved.get("model_type") == loaded.spec.model_type:
+        if saved.get("dtype") != dtype_name(loaded.dtype) and saved.get("model_type") == loaded.spec.model_type:
             hint = f" (the config hash includes the dtype the model was loaded in: try dtype={saved.get('dtype')!r})"
         raise ModelMismatchError(
             f"{source} was saved from model {there}, not from {here}{hint}; load it with that model "
@@ -141,7 +136,7 @@ def _close(a: float, b: float) -> bool:
     return abs(a - b) <= 1e-2 * max(abs(a), abs(b)) + 1e-6
 
 
-def _dtype_name(dtype: torch.dtype) -> str:
+def dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
@@ -178,7 +173,7 @@ def _data_digest(tensors: dict[str, torch.Tensor]) -> str:
     digest = hashlib.sha256()
     for name in sorted(tensors):
         t = tensors[name].detach().contiguous().cpu()
-        digest.update(f"{name}|{_dtype_name(t.dtype)}|{tuple(t.shape)}|".encode())
+        digest.update(f"{name}|{dtype_name(t.dtype)}|{tuple(t.shape)}|".encode())
         if t.numel():
             digest.update(t.reshape(-1).view(torch.uint8).numpy())
     return digest.hexdigest()
@@ -229,64 +224,13 @@ def read_file(path: str | os.PathLike, kind: str) -> tuple[dict[str, torch.Tenso
 
 
 # ---------------------------------------------------------------------- session state
-def session_state(session: AgentSession) -> tuple[dict[str, torch.Tensor], dict]:
-    """Everything needed to continue ``session`` exactly: ``(tensors, meta)`` as described above."""
-    engine, cache = session.engine, session.cache
-    cache_t, cache_m = cache.state()
-    tensors = {f"cache.{k}": v for k, v in cache_t.items()}
-    qb_meta = None
-    if cache.query_buffer is not None:
-        qb_t, qb_meta = cache.query_buffer.state()
-        tensors.update({f"query_buffer.{k}": v for k, v in qb_t.items()})
-    tensors["transcript_ids"] = torch.tensor(list(engine.transcript_ids), dtype=torch.int32)
-    tensors["sampler_rng"] = session._generator.get_state()
-    st = session.stats
-    meta = {
-        "model": model_identity(session._loaded),
-        "cache": cache_m,
-        "query_buffer": qb_meta,
-        "policy": session.policy.config.model_dump(mode="json"),
-        "positions": session.positions.model_dump(mode="json"),
-        "max_kv_bytes": session.max_kv_bytes,
-        "chunk_tokens": engine.chunk_tokens,
-        "session": {
-            "pending": list(session._pending),
-            "started": session._started,
-            "messages": session.messages,
-            "chat_text": session._chat_text,
-            "tools": getattr(session, "tools", None),
-            "latest_turn": getattr(session, "latest_turn", None),
-            "pinned": [list(r) for r in engine.pinned],
-            "pin_turn": session.pin_turn,
-            "auto_recall": session.auto_recall,
-            "archive": [[a.name, a.start, a.end] for a in session.archive],
-            "held": [list(r) for r in session._held],
-            "compactions": [e.as_dict() for e in engine.compactions],
-            "transcript_text": session.transcript(),
-        },
-        "stats": {
-            "kv_bytes": st.kv_bytes,
-            "payload_bytes": st.payload_bytes,
-            "logical_tokens": st.logical_tokens,
-            "physical_tokens": st.physical_tokens,
-        },
-        "agentmem_version": _version(),
-    }
-    return tensors, meta
-
-
-def _version() -> str:
-    from . import __version__
-
-    return __version__
-
-
-def _sub(tensors: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+def sub(tensors: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    """The tensors named ``prefix...``, with the prefix taken off."""
     return {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
 
 
-class _Parsed:
-    """The python values of a file's session part, checked before anything is written."""
+class SessionFields:
+    """The python values of a file's ``session`` part and transcript, checked before anything is written."""
 
     def __init__(self, tensors: dict[str, torch.Tensor], meta: dict, vocab: int):
         s = meta["session"]
@@ -321,7 +265,7 @@ class _Parsed:
             raise ValueError("sampler_rng must be a uint8 tensor")
 
 
-def _check_consistent(tensors: dict[str, torch.Tensor], meta: dict, parsed: _Parsed) -> None:
+def _check_consistent(tensors: dict[str, torch.Tensor], meta: dict, parsed: SessionFields) -> None:
     """The cache, the transcript and the pins tell one story: every token run through the model is
     in the transcript (pending ones follow), every entry's token index is one of them, every pin
     lies inside the transcript. ValueError otherwise (a file edited, then re-checksummed)."""
@@ -340,60 +284,18 @@ def _check_consistent(tensors: dict[str, torch.Tensor], meta: dict, parsed: _Par
             raise ValueError(f"pinned range ({a}, {b}) lies outside the transcript (0, {len(parsed.transcript)})")
 
 
-def restore(session: AgentSession, tensors: dict[str, torch.Tensor], meta: dict, full: bool = True) -> None:
-    """Put a :func:`session_state` into ``session`` (whose model has been checked).
-
-    ``full=False`` (cartridges) restores memory only: cache, query buffer, transcript and pending
-    token; messages, sampler, ledger and pins stay the session's own. Everything is validated
-    before the session changes; raises ValueError / KeyError / TypeError for a malformed state.
-    """
-    parsed = _Parsed(tensors, meta, session.model.get_input_embeddings().num_embeddings)
-    engine, cache = session.engine, session.cache
-    qb, qb_meta = cache.query_buffer, meta.get("query_buffer")
-    _check_consistent(tensors, meta, parsed)
-    cache.load_state(_sub(tensors, "cache."), meta["cache"])  # validates everything before writing
-    if qb is not None and qb_meta is not None:
-        try:
-            qb.load_state(_sub(tensors, "query_buffer."), qb_meta)
-        except ValueError as exc:
-            if full and _same_policy(session, meta):
-                raise
-            log.info("saved query buffer not restored (%s); it refills as the session reads", exc)
-    if not full:  # the building session's peak is not this session's
-        cache.peak_bytes = cache.kv_bytes
-    engine.transcript_ids = parsed.transcript
-    session._pending = parsed.pending
-    session._started = parsed.started
-    if full:
-        engine.compactions = parsed.compactions
-        engine.pinned = parsed.pinned
-        session.pin_turn = parsed.pin_turn
-        session.auto_recall = parsed.auto_recall
-        session.archive = parsed.archive
-        session._held = parsed.held
-        session.messages = parsed.messages
-        session._chat_text = parsed.chat_text
-        session.tools, session.latest_turn = parsed.tools, parsed.latest_turn
-        session._generator.set_state(parsed.rng.clone())
-        if session.max_kv_bytes == meta.get("max_kv_bytes") and isinstance(meta.get("chunk_tokens"), int):
-            engine.chunk_tokens = max(1, meta["chunk_tokens"])
-
-
-def _same_policy(session: AgentSession, meta: dict) -> bool:
-    return session.policy.config.model_dump(mode="json") == meta.get("policy")
-
-
-def save_session(session: AgentSession, path: str | os.PathLike) -> Path:
-    """Write ``session`` to ``path`` (one file, atomically); returns the path."""
-    with session._lock:
-        tensors, meta = session_state(session)
-    return write_file(path, SESSION, tensors, meta)
+def parse_session(tensors: dict[str, torch.Tensor], meta: dict, vocab: int) -> SessionFields:
+    """The session part of a file's state, validated (token ids within ``vocab``, the cache, the
+    transcript and the pins consistent); ValueError / KeyError / TypeError otherwise."""
+    fields = SessionFields(tensors, meta, vocab)
+    _check_consistent(tensors, meta, fields)
+    return fields
 
 
 def model_source(saved: dict, what: str) -> str:
     """What to pass to ``load_model`` to get the model ``saved`` (a file's ``model`` entry) names."""
     name, where = saved.get("name"), saved.get("path")
-    if name in _EMBEDDED_HINTS:
+    if name in EMBEDDED_HINTS:
         return name
     if where and where != "." and Path(where).exists():
         return where
@@ -401,64 +303,3 @@ def model_source(saved: dict, what: str) -> str:
         f"{what} was saved from model {name!r} ({where if where not in (None, '.') else 'built in-process'}), "
         "which cannot be found here: pass model="
     )
-
-
-def load_session(
-    path: str | os.PathLike,
-    model: Any = None,
-    max_kv_mb: float | None | EllipsisType = ...,
-    device: str | None = None,
-    dtype: str | torch.dtype | None = None,
-    policy: Any = None,
-    tokenizer: Any = None,
-) -> AgentSession:
-    """A session saved by :func:`save_session`, continuing exactly where it stopped.
-
-    ``model``: None loads the model named in the file (embedded name or local path); otherwise a
-    name, path, LoadedModel or transformers model (with ``tokenizer``), which must be the model the
-    session was saved from (:class:`ModelMismatchError` otherwise). ``max_kv_mb``: default the saved
-    budget; a budget too small for the saved memory raises BudgetError. ``policy``: default the saved
-    policy config. Errors leave nothing behind: either a complete session or an exception.
-    """
-    from .policy.presets import resolve_policy
-    from .session import AgentSession
-
-    path = file_path(path)
-    tensors, meta = read_file(path, SESSION)
-    try:
-        saved = meta["model"]
-        saved_budget = meta["max_kv_bytes"]
-        positions = PositionConfig.model_validate(meta["positions"])
-        chosen_policy = resolve_policy(policy if policy is not None else meta["policy"])
-        chunk = int(meta["chunk_tokens"])
-        if model is None:
-            model = model_source(saved, str(path))
-            dtype = dtype or saved["dtype"]  # the dtype is part of the config hash (and of exactness)
-        budget = (None if saved_budget is None else saved_budget / MiB) if max_kv_mb is ... else max_kv_mb
-        session = AgentSession(
-            model=model,
-            max_kv_mb=budget,
-            policy=chosen_policy,
-            device=device,
-            dtype=dtype,
-            tokenizer=tokenizer,
-            chunk_tokens=max(1, chunk),
-            positions=positions,
-        )
-        check_model(saved, session._loaded, str(path))
-        if _dtype_name(session._loaded.dtype) != saved.get("dtype"):
-            log.warning(
-                "%s: saved in %s, loaded in %s: the continuation is close, not exact",
-                path,
-                saved.get("dtype"),
-                _dtype_name(session._loaded.dtype),
-            )
-        restore(session, tensors, meta, full=True)
-    except AgentMemError:
-        raise
-    except (KeyError, TypeError, ValueError, AttributeError) as exc:
-        raise SessionFileError(
-            f"{path} is damaged or incomplete ({type(exc).__name__}: {exc}): restore it from a backup "
-            "or save the session again"
-        ) from exc
-    return session

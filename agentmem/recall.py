@@ -2,7 +2,7 @@
 
 Compaction keeps a few entries per tool output, but the session's transcript keeps every token id
 (4 bytes a token, against 24-45 KiB of KV). :func:`recall` searches the archived tool outputs (the
-transcript spans :func:`~agentmem.toolcalls.tool_result` read) for the lines that best match a
+transcript spans :func:`~agentmem.tools.tool_result` read) for the lines that best match a
 query, and reads those lines back into memory, exactly, as a ``tool`` message named ``recall``:
 the model then sees them as fresh text. The budget holds as for any read (older memory is
 compacted to make room). :data:`RECALL_TOOL` is the OpenAI-format schema of the same thing as a
@@ -19,11 +19,12 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 
-if TYPE_CHECKING:
-    from .session import AgentSession
-    from .toolcalls import ToolReceipt
+from .errors import BudgetError
+from .events import Archived
+from .session import Session
+from .text import check_text
+from .tools import ToolReceipt, span_entries, tool_result
 
 RECALL_TOOL = {
     "type": "function",
@@ -46,15 +47,6 @@ _STOP = frozenset(
     "the and for with what which that this from was were are is was did does into than then when where who "
     "answer only number name line output tool show give tell find value".split()
 )
-
-
-@dataclass(frozen=True)
-class Archived:
-    """A tool output in the transcript: its name and token range (the text is decoded from there)."""
-
-    name: str
-    start: int
-    end: int
 
 
 @dataclass
@@ -101,14 +93,12 @@ def best_lines(lines: list[str], query: str, k: int) -> list[int]:
     return [i for _, i in sorted(scored)[:k]]
 
 
-def compacted_outputs(session: AgentSession) -> list[Archived]:
+def compacted_outputs(session: Session) -> list[Archived]:
     """The archived tool outputs of which memory keeps fewer entries than tokens (recall can help)."""
-    from .toolcalls import span_entries
-
     return [a for a in session.archive if span_entries(session.cache, a.start, a.end) < a.end - a.start]
 
 
-def search(session: AgentSession, query: str, max_lines: int = 6, context: int = 1) -> tuple[str, list]:
+def search(session: Session, query: str, max_lines: int = 6, context: int = 1) -> tuple[str, list]:
     """The excerpt of archived outputs that answers ``query`` best, and its (name, first, last) hits."""
     outputs = []
     for a in session.archive:
@@ -139,25 +129,21 @@ def search(session: AgentSession, query: str, max_lines: int = 6, context: int =
     return "\n".join(parts), hits
 
 
-def recall(session: AgentSession, query: str, max_lines: int = 6, context: int = 1) -> RecallResult:
+def recall(session: Session, query: str, max_lines: int = 6, context: int = 1) -> RecallResult:
     """Find the lines of earlier tool outputs that match ``query`` and read them back into memory
     exactly (a ``tool`` message named ``recall``), kept exact until the next reply has been
     generated. When the budget cannot hold the excerpt next to what is pinned, fewer lines are read;
     when not even one line can be held, the excerpt is read without the hold (``held`` False: it is
     fresh text, but older memory is compacted as usual if the budget fills). Nothing is read when
     nothing matches. All or nothing, like every read."""
-    from .session import check_text
-
     check_text(query, "query")
     if not isinstance(max_lines, int) or max_lines < 1:
         raise ValueError(f"max_lines must be an int >= 1 (got {max_lines!r})")
-    from .errors import BudgetError
-
     full = search(session, query, max_lines, context)
     text, hits = full
     while text:
         try:
-            receipt = session.tool_result("recall", text, ratio=1.0, archive=False, hold=True)
+            receipt = tool_result(session, "recall", text, ratio=1.0, archive=False, hold=True)
             return RecallResult(query=query, hits=hits, text=text, receipt=receipt)
         except BudgetError:
             if max_lines == 1 and context == 0:
@@ -168,5 +154,5 @@ def recall(session: AgentSession, query: str, max_lines: int = 6, context: int =
         return RecallResult(query=query)  # nothing matches: nothing read
     # not one line can be held: read the whole excerpt as fresh text, without the hold
     text, hits = full
-    receipt = session.tool_result("recall", text, ratio=1.0, archive=False, hold=False)
+    receipt = tool_result(session, "recall", text, ratio=1.0, archive=False, hold=False)
     return RecallResult(query=query, hits=hits, text=text, receipt=receipt, held=False)

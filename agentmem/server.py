@@ -50,10 +50,10 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from .agent import AgentSession
 from .errors import AgentMemError
 from .events import CompactionEvent
 from .models import LoadedModel, load_model
-from .session import AgentSession
 from .units import MiB
 
 log = logging.getLogger(__name__)

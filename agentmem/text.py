@@ -1,4 +1,4 @@
-"""Incremental detokenization and stop strings for streamed generation."""
+"""Text in and out: validation of what callers hand us, incremental detokenization, stop strings."""
 
 from __future__ import annotations
 
@@ -49,3 +49,37 @@ def find_stop(text: str, new_from: int, stops: Sequence[str]) -> int | None:
         if idx != -1 and (best is None or idx < best):
             best = idx
     return best
+
+
+def check_text(text, what: str = "text") -> None:
+    """A str that can be written as UTF-8 (no lone surrogates), else a clear error."""
+    if not isinstance(text, str):
+        raise TypeError(f"{what} must be a str, not {type(text).__name__}")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise ValueError(
+            f"{what} is not valid Unicode: {exc.reason} at index {exc.start} ({text[exc.start : exc.end]!r}); "
+            "remove or replace that character"
+        ) from None
+
+
+def check_messages(messages) -> None:
+    """Chat messages: dicts with a str ``role`` and a str ``content`` (an assistant message with
+    ``tool_calls`` may have None), all valid Unicode."""
+    if not isinstance(messages, list):
+        raise ValueError(f"chat messages must be a list of dicts, got {type(messages).__name__}")
+    for m in messages:
+        if not isinstance(m, dict) or "role" not in m or "content" not in m:
+            raise ValueError(f"chat messages are dicts with 'role' and 'content', got {m!r}")
+        if not isinstance(m["role"], str) or not m["role"]:
+            raise ValueError(f"a message's role must be a non-empty str, got {m['role']!r}")
+        content = m["content"]
+        if content is None and m["role"] == "assistant" and m.get("tool_calls"):
+            continue
+        if not isinstance(content, str):
+            raise ValueError(
+                f"the content of a {m['role']!r} message must be a str, got {type(content).__name__}"
+                + (" (None is only allowed for an assistant message with tool_calls)" if content is None else "")
+            )
+        check_text(content, f"the content of a {m['role']!r} message")

@@ -17,7 +17,7 @@ import sys
 import time
 
 from agentmem import AgentSession
-from agentmem.toolcalls import span_entries
+from agentmem.tools import span_entries
 
 SYSTEM = "You are a deployment assistant. Answer questions about tool outputs briefly and exactly."
 TASK = "Deploy shop-api v2.31.7 to production and tell me the rollback id if the rollout fails."
@@ -93,7 +93,7 @@ def main() -> None:
         while n < 2000 and len(lines) > 1:
             n += len(session.tokenizer(lines.pop() + "\n", add_special_tokens=False)["input_ids"])
         short = log[len("\n".join(lines)) + 1 :]
-        full = AgentSession(session._loaded, max_kv_mb=None)
+        full = AgentSession(session.loaded, max_kv_mb=None)
         answer, _ = ask(full, short, ratio=1.0)
         print(f"full cache, last ~2,000 tokens of the log: {answer!r} -> {'correct' if ANSWER in answer else 'wrong'}")
 

@@ -16,7 +16,7 @@ import sys
 import time
 
 from agentmem import AgentSession
-from agentmem.toolcalls import span_entries
+from agentmem.tools import span_entries
 
 SYSTEM = "You are a careful math tutor. Reason step by step and show every calculation."
 PROBLEM = (

@@ -37,7 +37,7 @@ def fingerprint(s: AgentSession) -> dict:
     qb_fp = None
     if qb is not None:
         rows = [_digest(qb.data[i, : qb.filled[i]], qb.pos[i, : qb.filled[i]]) for i in range(len(qb.filled))]
-        qb_fp = (qb.mode, qb.capacity, tuple(qb.filled), tuple(qb.seen), tuple(rows), _digest(qb._gen.get_state()))
+        qb_fp = (qb.mode, qb.capacity, tuple(qb.filled), tuple(qb.seen), tuple(rows), _digest(qb.state()[0]["rng"]))
     return {
         "layers": layers,
         "logical": c.logical_length,
@@ -45,16 +45,16 @@ def fingerprint(s: AgentSession) -> dict:
         "query_buffer": qb_fp,
         "transcript": list(s.transcript_ids),
         "pinned": list(s.pinned),
-        "pending": list(s._pending),
-        "started": s._started,
+        "pending": list(s.engine.pending),
+        "started": s.engine.started,
         "messages": [dict(m) for m in s.messages],
-        "chat_text": s._chat_text,
+        "chat_text": s.chat_text,
         "latest_turn": s.latest_turn,
         "compactions": len(s.compactions),
-        "rng": _digest(s._generator.get_state()),
+        "rng": _digest(s.sampler.generator.get_state()),
         "policy": s.policy.config.model_dump(mode="json"),
         "archive": list(s.archive),
-        "held": list(s._held),
+        "held": s.held,
     }
 
 
@@ -78,7 +78,7 @@ def check_invariants(s: AgentSession) -> None:
             assert int(tok.min()) >= 0 and int(tok.max()) < c.logical_length, (i, h, int(tok.max()), c.logical_length)
             assert int(pos.min()) >= 0 and int(pos.max()) < c.next_position, (i, h)
             assert bool((tok[1:] > tok[:-1]).all()), (i, h, "entries stay in reading order")
-    assert len(s.transcript_ids) == c.logical_length + len(s._pending)
+    assert len(s.transcript_ids) == c.logical_length + len(s.engine.pending)
     for a, b in s.pinned:
         assert 0 <= a <= b <= len(s.transcript_ids)
     qb = c.query_buffer

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from agentmem import AgentSession
-from agentmem.session import generate_batch
+from agentmem.batch import generate_batch
 from tests.conftest import TEXT
 
 PROMPTS = [TEXT, "Once upon a time in a land far away", TEXT[40:] * 2, "def add(a, b):\n    return"]
@@ -21,7 +21,7 @@ def _memory(s: AgentSession) -> list:
 
 def _same(a: AgentSession, b: AgentSession) -> None:
     assert list(a.transcript_ids) == list(b.transcript_ids)
-    assert a._pending == b._pending
+    assert a.engine.pending == b.engine.pending
     assert len(a.compactions) == len(b.compactions)
     assert a.stats.kv_bytes == b.stats.kv_bytes and a.stats.peak_kv_bytes == b.stats.peak_kv_bytes
     for (la, ta), (lb, tb) in zip(_memory(a), _memory(b)):

@@ -33,8 +33,8 @@ def test_chunked_prefill_matches_full_forward(tiny, tokenizer):
     with torch.no_grad():
         expected = ref(ids).logits[0, -1]
     session = AgentSession(model=loaded, max_kv_mb=None, chunk_tokens=7)
-    session._read(ids[0].tolist(), session.compactions)
-    got = session._step_pending(session.compactions)
+    session.append_tokens(ids[0].tolist())
+    got = session.next_logits()
     torch.testing.assert_close(got, expected, atol=2e-4, rtol=1e-4)
 
 

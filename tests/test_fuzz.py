@@ -68,7 +68,7 @@ def _machine(loaded, tmp_path):
 
         @rule(t=st.one_of(text, st.none()), n=st.integers(0, 24), temperature=st.sampled_from([0.0, 0.8]))
         def generate(self, t, n, temperature):
-            if t is None and not self.s._pending:
+            if t is None and not self.s.engine.pending:
                 t = "the"
             self.attempt(self.s.generate, t, max_new_tokens=n, temperature=temperature)
 
@@ -145,7 +145,7 @@ def _machine(loaded, tmp_path):
             self.s.save(path)
             loaded_s = AgentSession.load(path, model=loaded)
             assert fingerprint(loaded_s) == fingerprint(self.s)
-            if self.s._pending:
+            if self.s.engine.pending:
                 a, b = self.s.fork().next_logits(), loaded_s.fork().next_logits()
                 assert torch.equal(a, b)
             assert temp_files(path) == []

@@ -35,7 +35,7 @@ def _same_memory(a: AgentSession, b: AgentSession) -> None:
         assert la.lengths == lb.lengths and la.caps == lb.caps
         for name in ("k", "v", "beta", "pos", "tok"):
             assert torch.equal(getattr(la, name), getattr(lb, name)), name
-    assert list(a.transcript_ids) == list(b.transcript_ids) and a._pending == b._pending
+    assert list(a.transcript_ids) == list(b.transcript_ids) and a.engine.pending == b.engine.pending
 
 
 def test_round_trip_after_compactions_continues_exactly(tiny, tmp_path):
@@ -79,7 +79,7 @@ def test_chat_session_saved_mid_conversation(tiny_llama, tmp_path):
     s.chat("Name three colours.", max_new_tokens=8)
     s.chat("And three animals?", max_new_tokens=8, temperature=0.9)  # moves the sampler's state
     t = AgentSession.load(s.save(tmp_path / "chat.agentmem"), model=loaded)
-    assert t.messages == s.messages and t._chat_text == s._chat_text and t.pinned == s.pinned
+    assert t.messages == s.messages and t.chat_text == s.chat_text and t.pinned == s.pinned
     assert t.transcript() == s.transcript()
     with safe_open(str(tmp_path / "chat.agentmem"), "pt") as fh:  # the raw text is in the JSON metadata
         meta = json.loads(fh.metadata()["agentmem.meta"])

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from agentmem import AgentSession
-from agentmem.session import generate_batch
+from agentmem.batch import generate_batch
 
 pytestmark = pytest.mark.slow
 
@@ -86,5 +86,5 @@ def test_every_policy_holds_a_small_budget(qwen):
         assert st.peak_kv_bytes <= s.max_kv_bytes, policy
         assert len(st.compactions) >= 1 and st.logical_tokens > 2 * st.physical_tokens, policy
         assert r.stats.generated_tokens > 20, policy
-        logits = s.next_logits() if s._pending else None
+        logits = s.next_logits() if s.engine.pending else None
         assert logits is None or bool(torch.isfinite(logits).all()), policy

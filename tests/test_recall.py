@@ -82,7 +82,7 @@ def test_recall_reads_without_the_hold_when_no_line_can_be_held(loaded):
     s.append(filler, pin=True)  # all the room the policy leaves for pins, but 4 tokens
     found = s.recall("ROLLBACK_ID")
     assert found.found and not found.held and "RB-58213" in found.text
-    assert not s._held and found.receipt.tokens > 0
+    assert not s.held and found.receipt.tokens > 0
     check_invariants(s)
     assert "RB-58213" in s.tokenizer.decode(s.transcript_ids[-found.receipt.tokens - 8 :])
 
@@ -121,12 +121,12 @@ def test_what_recall_holds_survives_save_and_load(loaded, tmp_path):
     s = AgentSession(loaded, max_kv_mb=None)
     s.tool_result("logs", LOG, ratio=0.1)
     s.recall("ROLLBACK_ID")
-    assert s._held
+    assert s.held
     s.save(tmp_path / "s.agentmem")
     back = AgentSession.load(tmp_path / "s.agentmem", model=loaded)
     assert fingerprint(back) == fingerprint(s)
     back.chat("and then?", max_new_tokens=2)
-    assert not back._held and back.pinned == []
+    assert not back.held and back.pinned == []
 
 
 def test_auto_recall_that_shortens_its_excerpt_inside_chat_keeps_the_chat_consistent(loaded):
@@ -143,5 +143,5 @@ def test_auto_recall_that_shortens_its_excerpt_inside_chat_keeps_the_chat_consis
     recalled = s.messages[-3]["content"]
     assert "ROLLBACK_ID" in recalled and recalled.count("\n") < 12  # shortened
     # the chat text holds the log, the one excerpt read and the question: no trace of the failed attempt
-    assert s._chat_text.count("ROLLBACK_ID") == 1 + recalled.count("ROLLBACK_ID") + 1
+    assert s.chat_text.count("ROLLBACK_ID") == 1 + recalled.count("ROLLBACK_ID") + 1
     check_invariants(s)

@@ -14,7 +14,7 @@ import torch
 from agentmem import AgentSession, BudgetError, SessionFileError
 from agentmem.files import temp_files
 from agentmem.models import wrap_model
-from agentmem.persist import read_file, session_state, write_file
+from agentmem.persist import read_file, write_file
 from tests.conftest import build_tiny
 from tests.invariants import check_invariants, fingerprint
 
@@ -87,7 +87,7 @@ def test_failed_pinned_read_changes_nothing(llama):
     for _ in range(10):
         s.append(W)
         check_invariants(s)
-    assert len(s.transcript_ids) == s.cache.logical_length + len(s._pending)
+    assert len(s.transcript_ids) == s.cache.logical_length + len(s.engine.pending)
 
 
 def test_read_failing_inside_the_model_changes_nothing(llama, monkeypatch):
@@ -198,12 +198,12 @@ def test_unreadable_file_says_permission_denied(llama, tmp_path, monkeypatch):
 def test_file_with_token_indices_beyond_the_transcript_is_refused(llama, tmp_path):
     s = AgentSession(llama, max_kv_mb=0.1)
     s.append(W * 2)
-    tensors, meta = session_state(s)
+    tensors, meta = s.state()
     tensors["cache.layers.0.tok"] = tensors["cache.layers.0.tok"] + 1000  # consistent checksums, wrong content
     write_file(tmp_path / "bad.agentmem", "agentmem-session", tensors, meta)
     with pytest.raises(SessionFileError, match="token indices"):
         AgentSession.load(tmp_path / "bad.agentmem", model=llama)
-    tensors, meta = session_state(s)
+    tensors, meta = s.state()
     meta["session"]["pinned"] = [[0, 10_000]]
     write_file(tmp_path / "bad2.agentmem", "agentmem-session", tensors, meta)
     with pytest.raises(SessionFileError, match="pinned range"):

@@ -58,8 +58,8 @@ def test_score_does_not_change_the_session(tiny_llama, tokenizer):
     assert s.cache.snapshot_lengths() == before.snapshot_lengths()
     assert s.cache.logical_length == before.logical_length
     # the next-token distribution is exactly what it was
-    a = s.engine.run(s.cache.clone(), s._pending, "last", None)
-    b = s.engine.run(before, s._pending, "last", None)
+    a = s.engine.run(s.cache.clone(), s.engine.pending, "last", None)
+    b = s.engine.run(before, s.engine.pending, "last", None)
     torch.testing.assert_close(a, b, atol=0, rtol=0)
 
 

@@ -7,7 +7,8 @@ import copy
 import pytest
 
 from agentmem import AgentSession
-from agentmem.toolcalls import ToolReceipt, openai_encoding, openai_token_count, span_entries
+from agentmem.tokencount import openai_encoding, openai_token_count
+from agentmem.tools import ToolReceipt, span_entries
 
 LOG = "\n".join(f"2025-01-0{i % 9 + 1} worker-{i % 7} processed batch {i} in {i * 13 % 97} ms" for i in range(20))
 

@@ -34,10 +34,11 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from ..agent import AgentSession
+from ..batch import generate_batch
 from ..errors import AgentMemError
 from ..models import load_model
 from ..recall import RECALL_TOOL
-from ..session import AgentSession, generate_batch
 from ..units import MiB
 from .common import environment, policy_of, publish
 from .problems import clustered_wilson, paired_difference
@@ -218,7 +219,7 @@ def agent_loop(loaded, condition: Condition, seed: int, args) -> dict:
 
 
 def _span_entries(s: AgentSession, span: tuple[int, int]) -> float:
-    from ..toolcalls import span_entries
+    from ..tools import span_entries
 
     return span_entries(s.cache, *span)
 

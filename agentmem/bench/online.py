@@ -18,8 +18,8 @@ from pathlib import Path
 
 import torch
 
+from ..agent import AgentSession
 from ..models import load_model
-from ..session import AgentSession
 from .common import environment, write_report
 
 PROMPT = (

@@ -21,9 +21,9 @@ from pathlib import Path
 
 import torch
 
+from ..agent import AgentSession
 from ..kv.positions import PositionConfig
 from ..models import load_model
-from ..session import AgentSession
 from .common import environment, write_report
 
 

@@ -34,8 +34,8 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from ..agent import AgentSession
 from ..models import load_model
-from ..session import AgentSession
 from . import retrieval
 from .common import DOCUMENTS, environment, find_document, write_report
 from .methods import HEADLINE, METHODS, ONLINE_POLICIES

@@ -41,9 +41,10 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from ..agent import AgentSession
+from ..batch import generate_batch
 from ..engine import forward_batch
 from ..models import load_model
-from ..session import AgentSession, generate_batch
 from ..units import MiB
 from .common import environment, policy_of, publish
 from .problems import FORCE_ANSWER, Problem, answer_spans, answers_in, clustered_wilson, paired_difference, problems

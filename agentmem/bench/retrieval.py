@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import random
 
-from ..session import AgentSession
+from ..agent import AgentSession
 
 HEADER = "$ cat sessions.tsv  # session id, user id\n"
 

@@ -19,8 +19,9 @@ from pathlib import Path
 
 import torch
 
+from ..agent import AgentSession
+from ..decoding import collect
 from ..models import load_model
-from ..session import AgentSession
 from ..units import MiB
 from .common import environment, find_document, median, timed, write_report
 
@@ -41,8 +42,7 @@ def _hf_generate(model, ids: torch.Tensor, n: int) -> None:
 def _session_generate(loaded, ids: list[int], n: int, max_kv_mb: float | None) -> tuple[float, float, int]:
     """(prefill seconds, decode seconds for n-1 steps, compactions)."""
     s = AgentSession(model=loaded, max_kv_mb=max_kv_mb)
-    s._started = True
-    r = s._collect(s._stream_ids(ids, n, 0.0, 1.0, None, ignore_eos=True))
+    r = collect(s.stream_tokens(ids, n, ignore_eos=True))
     return r.stats.prefill_seconds, r.stats.decode_seconds, len(r.stats.compactions)
 
 

