@@ -42,35 +42,10 @@ class AgentSession(Session):
             ``recall`` tool message the caller did not send.
     """
 
-    def __init__(
-        self,
-        model=None,
-        max_kv_mb: float | None = 64,
-        policy=None,
-        device: str | None = None,
-        dtype=None,
-        *,
-        tokenizer=None,
-        chunk_tokens: int = 256,
-        positions: PositionConfig | dict | None = None,
-        seed: int = 0,
-        pin_turn: float = 0.75,
-        auto_recall: bool = False,
-    ):
+    def __init__(self, *args, auto_recall: bool = False, **kwargs):
         if not isinstance(auto_recall, bool):
             raise TypeError(f"auto_recall must be True or False (got {auto_recall!r})")
-        super().__init__(
-            model,
-            max_kv_mb,
-            policy,
-            device,
-            dtype,
-            tokenizer=tokenizer,
-            chunk_tokens=chunk_tokens,
-            positions=positions,
-            seed=seed,
-            pin_turn=pin_turn,
-        )
+        super().__init__(*args, **kwargs)
         self.auto_recall = auto_recall
 
     # ------------------------------------------------------------------ chat with recall

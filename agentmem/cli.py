@@ -45,7 +45,9 @@ def _print_stats(session) -> None:
     )
 
 
-def _stream_to_terminal(events) -> None:
+def _stream_to_terminal(events, summary: bool = True):
+    """Text to stdout, compaction receipts to stderr; returns the result."""
+    result = None
     for ev in events:
         if ev.kind == "token":
             sys.stdout.write(ev.text)
@@ -53,12 +55,14 @@ def _stream_to_terminal(events) -> None:
         elif ev.kind == "compaction":
             print(f"\n{ev.compaction.receipt()}", file=sys.stderr, flush=True)
         elif ev.kind == "done":
-            s = ev.result.stats
-            print(
-                f"\n[agentmem] {s.generated_tokens} tokens, {s.decode_tps:.1f} tok/s, "
-                f"finish: {ev.result.finish_reason}",
-                file=sys.stderr,
-            )
+            result, s = ev.result, ev.result.stats
+            if summary:
+                print(
+                    f"\n[agentmem] {s.generated_tokens} tokens, {s.decode_tps:.1f} tok/s, "
+                    f"finish: {ev.result.finish_reason}",
+                    file=sys.stderr,
+                )
+    return result
 
 
 def cmd_run(args) -> int:
@@ -92,15 +96,8 @@ def cmd_demo(args) -> int:
         f"(holds {holds} tokens of KV); problem:\n{args.problem}\n",
         file=sys.stderr,
     )
-    result = None
-    for ev in session.chat_stream(args.problem + INSTRUCTION, max_new_tokens=args.max_new_tokens):
-        if ev.kind == "token":
-            sys.stdout.write(ev.text)
-            sys.stdout.flush()
-        elif ev.kind == "compaction":
-            print(f"\n{ev.compaction.receipt()}", file=sys.stderr, flush=True)
-        elif ev.kind == "done":
-            result = ev.result
+    events = session.chat_stream(args.problem + INSTRUCTION, max_new_tokens=args.max_new_tokens)
+    result = _stream_to_terminal(events, summary=False)
     st = session.stats
     full = st.logical_tokens * session.cache.bytes_per_token()
     print(
@@ -139,7 +136,7 @@ def cmd_calibrate(args) -> int:
 
 def cmd_serve(args) -> int:
     from .models import load_model
-    from .server import serve
+    from .serve import serve
 
     loaded = load_model(args.model, device=args.device, dtype=args.dtype)
     serve(

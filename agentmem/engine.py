@@ -310,24 +310,15 @@ class Engine:
         n = len(chunk)
         snapshot = cache.snapshot_lengths()
         position_ids = cache.begin_forward(n)
-        input_ids = torch.tensor([list(chunk)], dtype=torch.long, device=self.loaded.device)
         try:
-            with torch.inference_mode():
-                result = self.loaded.model(
-                    input_ids=input_ids,
-                    position_ids=position_ids,
-                    use_cache=True,
-                    **{self.loaded.cache_keyword: cache},
-                    agentmem_cache=cache,
-                    logits_to_keep=0 if keep == "all" else 1,
-                )
+            logits = _model_call(self.loaded, [chunk], position_ids, cache, keep)
         except BaseException:
             cache.rollback(snapshot)
             raise
         cache.commit_forward(n)
         if keep == "all":
-            return result.logits[0].float()
-        return result.logits[0, -1].float() if keep == "last" else None
+            return logits[0].float()
+        return logits[0, -1].float() if keep == "last" else None
 
     def run(
         self,
@@ -379,6 +370,21 @@ def _ignore_queries(layer: int, query: torch.Tensor) -> None:
     return None
 
 
+def _model_call(loaded: LoadedModel, rows: Sequence[Sequence[int]], position_ids, cache, keep: str) -> torch.Tensor:
+    """The model's forward on ``rows`` (B, n) token ids at ``position_ids`` over ``cache`` (one
+    CompactedCache, or BatchedCaches for B > 1); logits (B, n or 1, V) as the model returns them."""
+    input_ids = torch.tensor([list(r) for r in rows], dtype=torch.long, device=loaded.device)
+    with torch.inference_mode():
+        return loaded.model(
+            input_ids=input_ids,
+            position_ids=position_ids,
+            use_cache=True,
+            agentmem_cache=cache,
+            logits_to_keep=0 if keep == "all" else 1,
+            **{loaded.cache_keyword: cache},
+        ).logits
+
+
 def forward_batch(
     engines: Sequence[Engine],
     chunks: Sequence[Sequence[int]],
@@ -408,17 +414,7 @@ def forward_batch(
         for engine, cache, record in zip(engines, caches, records):
             begun.append(engine.make_room_and_begin(cache, n, record))
         position_ids = torch.cat([pos for _, pos in begun], dim=0)  # (B, n)
-        input_ids = torch.tensor([list(c) for c in chunks], dtype=torch.long, device=loaded.device)
-        batch = BatchedCaches(caches)
-        with torch.inference_mode():
-            result = loaded.model(
-                input_ids=input_ids,
-                position_ids=position_ids,
-                use_cache=True,
-                agentmem_cache=batch,
-                logits_to_keep=0 if keep == "all" else 1,
-                **{loaded.cache_keyword: batch},
-            )
+        logits = _model_call(loaded, chunks, position_ids, BatchedCaches(caches), keep)
     except BaseException:
         for cache, (snapshot, _) in zip(caches, begun):
             cache.rollback(snapshot)
@@ -427,7 +423,7 @@ def forward_batch(
         cache.commit_forward(n)
     if keep == "none":
         return [None] * len(engines)
-    logits = result.logits.float()
+    logits = logits.float()
     return list(logits.unbind(0)) if keep == "all" else list(logits[:, -1].unbind(0))
 
 

@@ -7,7 +7,7 @@ import torch
 
 from agentmem import AgentSession
 from agentmem.batch import generate_batch
-from tests.conftest import TEXT
+from tests.helpers import TEXT
 
 PROMPTS = [TEXT, "Once upon a time in a land far away", TEXT[40:] * 2, "def add(a, b):\n    return"]
 

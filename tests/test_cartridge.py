@@ -9,7 +9,7 @@ from agentmem import AgentSession, BudgetError
 from agentmem.cartridge import Cartridge
 from agentmem.errors import AgentMemError, ModelMismatchError, SessionFileError
 from agentmem.models import wrap_model
-from tests.conftest import TEXT, build_tiny, twin
+from tests.helpers import TEXT, build_tiny, twin
 
 DOC = TEXT * 3
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from agentmem import AgentSession
-from tests.conftest import TEXT
+from tests.helpers import TEXT
 
 
 def hf_greedy(model, tokenizer, prompt: str, n: int) -> list[int]:

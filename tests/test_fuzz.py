@@ -1,5 +1,5 @@
 """Randomized operation sequences on tiny models (hypothesis): after every operation the session's
-invariants hold (tests/invariants.py), a failed operation changes nothing, score() never changes
+invariants hold (tests/helpers.py), a failed operation changes nothing, score() never changes
 memory, and save -> load gives identical logits. Plus a fault test: SIGKILL during saves.
 
 The CI profile is bounded (a minute or two); ``AGENTMEM_FUZZ_EXAMPLES=2000 pytest tests/test_fuzz.py``
@@ -23,8 +23,7 @@ from agentmem import AgentSession
 from agentmem.errors import AgentMemError
 from agentmem.files import temp_files
 from agentmem.models import wrap_model
-from tests.conftest import build_tiny
-from tests.invariants import check_invariants, fingerprint
+from tests.helpers import build_tiny, check_invariants, fingerprint
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -13,7 +13,7 @@ from safetensors.torch import save_file
 from agentmem import AgentSession, BudgetError, persist
 from agentmem.errors import ModelMismatchError, ModelNotFoundError, SessionFileError
 from agentmem.models import wrap_model
-from tests.conftest import TEXT, build_tiny, twin
+from tests.helpers import TEXT, build_tiny, twin
 
 
 def _continue_both(a: AgentSession, b: AgentSession, n: int = 20) -> tuple[float, list[int], list[int]]:

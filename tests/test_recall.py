@@ -7,8 +7,7 @@ import pytest
 from agentmem import AgentSession
 from agentmem.models import wrap_model
 from agentmem.recall import best_lines, terms
-from tests.conftest import build_tiny
-from tests.invariants import check_invariants, fingerprint
+from tests.helpers import build_tiny, check_invariants, fingerprint
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -15,8 +15,7 @@ from agentmem import AgentSession, BudgetError, SessionFileError
 from agentmem.files import temp_files
 from agentmem.models import wrap_model
 from agentmem.persist import read_file, write_file
-from tests.conftest import build_tiny
-from tests.invariants import check_invariants, fingerprint
+from tests.helpers import build_tiny, check_invariants, fingerprint
 
 W = "the quick brown fox jumps over the lazy dog "
 

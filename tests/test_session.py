@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from agentmem import AgentSession, BudgetError, ModelNotFoundError, UnknownPolicyError
-from tests.conftest import TEXT
+from tests.helpers import TEXT
 
 
 def test_generation_under_budget_compacts_and_keeps_going(tiny, tokenizer):

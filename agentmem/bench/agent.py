@@ -31,7 +31,6 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
 from tqdm import tqdm
 
 from ..agent import AgentSession
@@ -40,7 +39,7 @@ from ..errors import AgentMemError
 from ..models import load_model
 from ..recall import RECALL_TOOL
 from ..units import MiB
-from .common import environment, policy_of, publish
+from .common import environment, policy_of, run_and_publish
 from .problems import clustered_wilson, paired_difference
 from .tooloutputs import GENERATORS, ToolOutput, tool_output
 
@@ -490,13 +489,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    args = parse_args(argv)
-    torch.manual_seed(0)
-    data = run(args)
-    data["command"] = ("agentmem bench agent " + " ".join(argv)).strip()
-    publish(args, data, agent_plot, to_markdown)
-    return 0
+    return run_and_publish("agent", argv, parse_args, run, agent_plot, to_markdown)
 
 
 if __name__ == "__main__":

@@ -81,6 +81,18 @@ def publish(args, data: dict, plot: Callable[[dict, Path], Path], markdown: Call
     print(text)
 
 
+def run_and_publish(what: str, argv: list[str] | None, parse_args, run, plot, markdown) -> int:
+    """A benchmark's ``main``: parse ``argv`` (default: the command line), run with torch seeded,
+    record the command that made it and publish the report (:func:`publish`)."""
+    argv = sys.argv[1:] if argv is None else argv
+    args = parse_args(argv)
+    torch.manual_seed(0)
+    data = run(args)
+    data["command"] = (f"agentmem bench {what} " + " ".join(argv)).strip()
+    publish(args, data, plot, markdown)
+    return 0
+
+
 def policy_of(method: str) -> str | dict:
     """A policy name, or ``name:key=value,key=value`` for a variant (values parsed as JSON when they can
     be): ``am-halve:query_buffer=128``."""

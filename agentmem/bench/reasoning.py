@@ -46,7 +46,7 @@ from ..batch import generate_batch
 from ..engine import forward_batch
 from ..models import load_model
 from ..units import MiB
-from .common import environment, policy_of, publish
+from .common import environment, policy_of, run_and_publish
 from .problems import FORCE_ANSWER, Problem, answer_spans, answers_in, clustered_wilson, paired_difference, problems
 
 METHODS = ["truncate", "streaming", "h2o", "snapkv", "kvzip", "am-halve"]
@@ -423,13 +423,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     from .reasoning_report import reasoning_plot, to_markdown
 
-    argv = sys.argv[1:] if argv is None else argv
-    args = parse_args(argv)
-    torch.manual_seed(0)
-    data = run(args)
-    data["command"] = ("agentmem bench reasoning " + " ".join(argv)).strip()
-    publish(args, data, reasoning_plot, to_markdown)
-    return 0
+    return run_and_publish("reasoning", argv, parse_args, run, reasoning_plot, to_markdown)
 
 
 if __name__ == "__main__":

@@ -32,7 +32,7 @@ def profiles_dir() -> Path:
 
 
 class HeadProfile(BaseModel):
-    """A calibrated per-head budget profile (a JSON file; see tools/calibrate.py).
+    """A calibrated per-head budget profile (a JSON file written by ``agentmem calibrate``).
 
     ``curves[i][h][j]``: change of the continuation's mean NLL (nats/token) when KV head h of layer
     ``layers[i]`` keeps ``ratios[j]`` of its entries while every other head keeps ``baseline``.

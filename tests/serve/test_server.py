@@ -11,8 +11,8 @@ import pytest
 
 from agentmem import AgentSession
 from agentmem.models import wrap_model
-from agentmem.server import AgentMemServer, new_messages
-from tests.conftest import build_tiny
+from agentmem.serve import AgentMemServer, new_messages
+from tests.helpers import build_tiny
 
 openai = pytest.importorskip("openai")
 
@@ -111,7 +111,7 @@ def test_two_conversations_at_once_are_isolated(client, server, loaded):
         t.join(120)
     # each reply is exactly what a session of its own produces: no memory shared
     assert replies["conv-a"] == _reference(loaded, a, 12) and replies["conv-b"] == _reference(loaded, b, 12)
-    sessions = {cid: server._conversations[cid].session for cid in ("conv-a", "conv-b")}
+    sessions = {cid: server.session(cid) for cid in ("conv-a", "conv-b")}
     assert "swordfish" in sessions["conv-a"].transcript() and "swordfish" not in sessions["conv-b"].transcript()
     assert "tulips" in sessions["conv-b"].transcript() and "tulips" not in sessions["conv-a"].transcript()
     # the second turn of conv-a (full history, OpenAI style) reads only the new message
@@ -151,7 +151,7 @@ def test_tool_messages_are_compacted_with_receipts(client, server):
     assert receipt["name"] == "build" and receipt["tokens"] > 200 and receipt["ratio"] <= 0.2 + 0.01
     assert receipt["within_budget"] and receipt["openai_tokens"] > 0 and receipt["fit_output_error"] is not None
     assert meta["stats"]["peak_kv_bytes"] <= meta["stats"]["max_kv_bytes"]
-    session = server._conversations["agent"].session
+    session = server.session("agent")
     assert session.pinned and session.messages[0]["role"] == "system"
 
 

@@ -10,7 +10,7 @@ import torch
 from agentmem import AgentSession, CompactionError
 from agentmem.compaction.queries import QueryBuffer, QuerySet
 from agentmem.kv.positions import _rebase
-from tests.conftest import TEXT
+from tests.helpers import TEXT
 
 CONT = " The quick brown fox jumps over the lazy dog. All that glitters is not gold."
 

@@ -9,8 +9,7 @@ import torch
 
 from agentmem import AgentSession, CompactionError
 from agentmem.kv.layer import META_BYTES_PER_SLOT, Block
-from tests.conftest import TEXT
-from tests.test_attention import read_all
+from tests.helpers import TEXT, read_all
 
 
 def held_bytes(cache) -> int:

@@ -14,7 +14,7 @@ from agentmem.compaction.queries import QuerySet
 from agentmem.compaction.scores import entry_scores
 from agentmem.errors import UnknownPolicyError
 from agentmem.policy.presets import resolve_policy
-from tests.conftest import TEXT
+from tests.helpers import TEXT
 
 BASELINES = ["h2o", "snapkv", "kvzip", "streaming", "truncate"]
 

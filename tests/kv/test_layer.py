@@ -19,8 +19,7 @@ from agentmem.kv.attention import agentmem_attention_forward
 from agentmem.kv.cache import CompactedCache
 from agentmem.kv.layer import Block
 from agentmem.models import wrap_model
-from tests.conftest import TEXT, build_tiny, twin
-from tests.test_attention import read_all, reference_logits
+from tests.helpers import TEXT, build_tiny, read_all, reference_logits, twin
 
 
 def subset(layer, h: int, slots: list[int], beta: torch.Tensor | None = None) -> Block:

@@ -14,7 +14,7 @@ from agentmem.errors import ProfileError
 from agentmem.policy.head_budgets import resolve_budgets, water_fill
 from agentmem.policy.presets import available_presets
 from agentmem.policy.profiles import HeadProfile, load_profile
-from tests.conftest import TEXT
+from tests.helpers import TEXT
 
 
 def test_water_fill_meets_total_caps_and_floors():
@@ -177,7 +177,7 @@ def test_online_profile_budgets_keep_generating_within_budget(tiny_llama, tmp_pa
 def test_config_hash_names_the_architecture_not_the_dtype(tokenizer):
     """Profiles and saved sessions match a model loaded in another dtype or by another transformers."""
     from agentmem.models import wrap_model
-    from tests.conftest import build_tiny, twin
+    from tests.helpers import build_tiny, twin
 
     ref = build_tiny("llama", len(tokenizer))
     low = twin(ref).to(torch.bfloat16)

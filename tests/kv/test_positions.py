@@ -9,8 +9,7 @@ from pydantic import ValidationError
 from agentmem import AgentSession, PositionConfig
 from agentmem.kv.positions import _rebase
 from agentmem.models import wrap_model
-from tests.conftest import TEXT, build_tiny, twin
-from tests.test_attention import read_all
+from tests.helpers import TEXT, build_tiny, read_all, twin
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3", "gemma3"])

@@ -8,29 +8,7 @@ import torch
 
 from agentmem import AgentSession
 from agentmem.kv.layer import Block
-from tests.conftest import TEXT
-
-
-def read_all(session: AgentSession, ids: list[int]) -> None:
-    """Put every token of ids into the cache (nothing pending)."""
-    session.engine.run(session.cache, ids, "none", session.compactions)
-
-
-def reference_logits(model, ids: list[int], hidden: set[tuple[int, int]]) -> torch.Tensor:
-    """Full recompute of ids with transformers' SDPA attention, query i not seeing key j for (i, j) in hidden."""
-    n = len(ids)
-    i = torch.arange(n)[:, None]
-    j = torch.arange(n)[None, :]
-    causal = j <= i
-    for qi, kj in hidden:
-        causal[qi, kj] = False
-    masks = {"full_attention": causal[None, None]}
-    window = getattr(model.config, "sliding_window", None)
-    if window:
-        masks["sliding_attention"] = (causal & (i - j < window))[None, None]
-    attn = masks if window else masks["full_attention"]
-    with torch.no_grad():
-        return model(torch.tensor([ids]), attention_mask=attn).logits[0]
+from tests.helpers import TEXT, read_all, reference_logits
 
 
 def test_evicting_keys_equals_masked_recompute(tiny, tokenizer):

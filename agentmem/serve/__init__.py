@@ -1,0 +1,7 @@
+"""The OpenAI-compatible server: ``openai`` (wire format), ``conversations`` (a session per
+conversation), ``http`` (the HTTP layer)."""
+
+from .conversations import Conversations, ServerConfig, new_messages
+from .http import AgentMemServer, serve
+
+__all__ = ["AgentMemServer", "Conversations", "ServerConfig", "new_messages", "serve"]
