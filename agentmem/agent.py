@@ -20,10 +20,12 @@ from . import persist
 from .decoding import collect
 from .errors import AgentMemError, SessionFileError
 from .events import GenerationResult, StreamEvent
+from .identity import check_model, dtype_name
 from .kv.positions import PositionConfig
 from .policy.presets import resolve_policy
 from .recall import RecallResult, compacted_outputs, recall
 from .session import Session
+from .state import SessionFields
 from .toolparse import parse_tool_calls
 from .tools import ToolReceipt, tool_decorator, tool_result
 from .units import MiB
@@ -124,7 +126,7 @@ class AgentSession(Session):
         meta["session"]["auto_recall"] = self.auto_recall
         return tensors, meta
 
-    def load_state(self, tensors: dict[str, torch.Tensor], meta: dict, full: bool = True) -> persist.SessionFields:
+    def load_state(self, tensors: dict[str, torch.Tensor], meta: dict, full: bool = True) -> SessionFields:
         fields = super().load_state(tensors, meta, full)
         if full:
             self.auto_recall = fields.auto_recall
@@ -177,13 +179,13 @@ class AgentSession(Session):
                 chunk_tokens=max(1, chunk),
                 positions=positions,
             )
-            persist.check_model(saved, session.loaded, str(path))
-            if persist.dtype_name(session.loaded.dtype) != saved.get("dtype"):
+            check_model(saved, session.loaded, str(path))
+            if dtype_name(session.loaded.dtype) != saved.get("dtype"):
                 log.warning(
                     "%s: saved in %s, loaded in %s: the continuation is close, not exact",
                     path,
                     saved.get("dtype"),
-                    persist.dtype_name(session.loaded.dtype),
+                    dtype_name(session.loaded.dtype),
                 )
             session.load_state(tensors, meta, full=True)
         except AgentMemError:

@@ -31,6 +31,7 @@ import torch
 from . import persist
 from .errors import AgentMemError, BudgetError, SessionFileError
 from .events import CompactionEvent
+from .identity import check_model
 from .units import MiB
 
 if TYPE_CHECKING:
@@ -156,7 +157,7 @@ class Cartridge:
                     "a cartridge can only be mounted into an empty session (before anything is read); "
                     "create a new AgentSession and mount it first"
                 )
-            persist.check_model(self.meta["model"], session.loaded, f"cartridge {self.model_name!r}")
+            check_model(self.meta["model"], session.loaded, f"cartridge {self.model_name!r}")
             need = self.bytes_needed(session)
             if session.max_kv_bytes is not None and need > session.max_kv_bytes:
                 raise BudgetError(

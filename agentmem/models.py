@@ -114,7 +114,7 @@ EMBEDDED_HINTS = {
 }
 
 # RoPE variants whose frequencies do not depend on the sequence length: stored keys can be
-# re-rotated by a fixed offset (see positions.py). "dynamic"/"longrope" rescale with length.
+# re-rotated by a fixed offset (see kv/positions.py). "dynamic"/"longrope" rescale with length.
 _STATIC_ROPE_TYPES = {"default", "linear", "llama3", "yarn"}
 
 

@@ -22,17 +22,18 @@ from contextlib import contextmanager
 
 import torch
 
-from . import persist
 from ._version import __version__
 from .decoding import Decoding, Sampler, check_generation_args, collect, is_number
 from .engine import Engine
 from .errors import AgentMemError, BudgetError
 from .events import Archived, CompactionEvent, GenerationResult, ScoreResult, SessionStats, StreamEvent
+from .identity import model_identity
 from .kv.cache import CompactedCache
 from .kv.positions import PositionConfig
 from .models import LoadedModel, load_model, wrap_model
 from .policy.planner import Policy
 from .policy.presets import resolve_policy
+from .state import SessionFields, parse_session, sub
 from .text import check_messages, check_text
 from .units import MiB
 
@@ -634,7 +635,7 @@ class Session:
     # ------------------------------------------------------------------ state
     def state(self) -> tuple[dict[str, torch.Tensor], dict]:
         """Everything needed to continue this session exactly, as ``(tensors, meta)`` in the layout
-        of a session file (:mod:`agentmem.persist`); the session serialises itself, persist writes."""
+        of a session file (:mod:`agentmem.state`); the session serialises itself, :mod:`agentmem.persist` writes."""
         with self.lock:
             engine, cache = self.engine, self.cache
             cache_t, cache_m = cache.state()
@@ -647,7 +648,7 @@ class Session:
             tensors["sampler_rng"] = self.sampler.generator.get_state()
             st = self.stats
             meta = {
-                "model": persist.model_identity(self.loaded),
+                "model": model_identity(self.loaded),
                 "cache": cache_m,
                 "query_buffer": qb_meta,
                 "policy": self.policy.config.model_dump(mode="json"),
@@ -679,7 +680,7 @@ class Session:
             }
             return tensors, meta
 
-    def load_state(self, tensors: dict[str, torch.Tensor], meta: dict, full: bool = True) -> persist.SessionFields:
+    def load_state(self, tensors: dict[str, torch.Tensor], meta: dict, full: bool = True) -> SessionFields:
         """Put a :meth:`state` into this session (whose model has been checked); returns the parsed
         session fields.
 
@@ -687,13 +688,13 @@ class Session:
         token; messages, sampler, ledger and pins stay the session's own. Everything is validated
         before the session changes; raises ValueError / KeyError / TypeError for a malformed state.
         """
-        fields = persist.parse_session(tensors, meta, self.model.get_input_embeddings().num_embeddings)
+        fields = parse_session(tensors, meta, self.model.get_input_embeddings().num_embeddings)
         engine, cache = self.engine, self.cache
         qb, qb_meta = cache.query_buffer, meta.get("query_buffer")
-        cache.load_state(persist.sub(tensors, "cache."), meta["cache"])  # validates everything before writing
+        cache.load_state(sub(tensors, "cache."), meta["cache"])  # validates everything before writing
         if qb is not None and qb_meta is not None:
             try:
-                qb.load_state(persist.sub(tensors, "query_buffer."), qb_meta)
+                qb.load_state(sub(tensors, "query_buffer."), qb_meta)
             except ValueError as exc:
                 if full and self.policy.config.model_dump(mode="json") == meta.get("policy"):
                     raise

@@ -1,4 +1,4 @@
-"""Apply a :class:`~agentmem.compaction.base.CompactionPlan` to a cache, atomically."""
+"""Apply a :class:`~agentmem.compaction.plan.CompactionPlan` to a cache, atomically."""
 
 from __future__ import annotations
 

@@ -2,7 +2,7 @@
 
 Decode-time attention over a compacted cache is ``softmax(s * q K^T + beta) V``: beta is an additive
 per-key bias. The function reads beta, per-head lengths, positions and sliding windows from the
-:class:`~agentmem.cache.CompactedCache` passed as the ``agentmem_cache`` forward kwarg, and builds
+:class:`~agentmem.kv.cache.CompactedCache` passed as the ``agentmem_cache`` forward kwarg, and builds
 the mask itself (transformers' mask is ignored). When a layer holds no bias and no slot can fall
 out of a sliding window, no float mask is built at all. Without ``agentmem_cache`` (plain use of
 the model, e.g. ``model.generate``) it is exactly transformers' SDPA attention.
@@ -76,7 +76,7 @@ def agentmem_attention_forward(
 ) -> tuple[torch.Tensor, None]:
     """query (1, H_q, n, d); key/value (1, H_kv, L, d) as returned by the cache -> (1, n, H_q, d_v).
 
-    With a :class:`~agentmem.cache.BatchedCaches` (query (B, H_q, 1, d)), row b attends over
+    With a :class:`~agentmem.kv.cache.BatchedCaches` (query (B, H_q, 1, d)), row b attends over
     ``caches[b]`` alone, exactly as that session's own forward would -> (B, 1, H_q, d_v).
     """
     cache = kwargs.pop("agentmem_cache", None)
@@ -101,7 +101,7 @@ def agentmem_attention_forward(
 
 
 def _attend(module, query, key, value, cache, scaling: float | None, softcap: float | None) -> torch.Tensor:
-    """One sequence's attention over its :class:`~agentmem.cache.CompactedCache` -> (1, n, H_q, d_v)."""
+    """One sequence's attention over its :class:`~agentmem.kv.cache.CompactedCache` -> (1, n, H_q, d_v)."""
     if not getattr(module, "is_causal", True):
         raise UnsupportedModelError("bidirectional attention layers are not supported by agentmem")
     layer = cache.layers[module.layer_idx]

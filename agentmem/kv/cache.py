@@ -1,6 +1,6 @@
 """CompactedCache: a byte-budgeted KV cache whose entries carry a per-key attention bias.
 
-One :class:`~agentmem.layer_store.CacheLayer` per decoder layer holds keys, values, an fp32 beta,
+One :class:`~agentmem.kv.layer.CacheLayer` per decoder layer holds keys, values, an fp32 beta,
 the RoPE position and the token index of every entry, with per-KV-head lengths and per-KV-head
 capacities (padding carries beta = -inf). ``kv_bytes`` counts every byte of those buffers (capacity
 and padding included); the budget bounds it at all times, including the moment a buffer is
@@ -500,7 +500,7 @@ class BatchedCaches(Cache):
     ``caches[b]``'s sequence (one new token each, a decode step of several sessions at once).
 
     ``update`` hands row b's keys and values to ``caches[b]``; agentmem attention then attends
-    each row over its own cache (:func:`agentmem.attention.agentmem_attention_forward`), so every
+    each row over its own cache (:func:`agentmem.kv.attention.agentmem_attention_forward`), so every
     session computes exactly what it computes alone, while the model's matrix products run once
     for the whole batch. Each cache must have had ``begin_forward(1)`` called.
     """

@@ -80,7 +80,7 @@ class SpanConfig(BaseModel):
     method_name: ClassVar[str]
 
     def method_settings(self) -> dict:
-        """Keyword arguments of the method (methods.make_method) this config runs."""
+        """Keyword arguments of the method (compaction/methods.make_method) this config runs."""
         return {"query_cap": self.query_cap}
 
 
@@ -125,7 +125,7 @@ class AMConfig(SpanConfig):
 
 
 class H2OConfig(SpanConfig):
-    """H2O (baselines/scored.py): heavy hitters by attention accumulated over the context's own
+    """H2O (compaction/baselines/scored.py): heavy hitters by attention accumulated over the context's own
     queries (a uniform reservoir of them, causally masked) + the most recent entries."""
 
     name: Literal["h2o"] = "h2o"
@@ -144,7 +144,7 @@ class H2OConfig(SpanConfig):
 
 
 class SnapKVConfig(SpanConfig):
-    """SnapKV (baselines/scored.py): votes of an observation window of the newest ``query_buffer``
+    """SnapKV (compaction/baselines/scored.py): votes of an observation window of the newest ``query_buffer``
     queries, max-pooled over neighbouring entries; the window itself is kept."""
 
     name: Literal["snapkv"] = "snapkv"
@@ -161,7 +161,7 @@ class SnapKVConfig(SpanConfig):
 
 
 class KVzipConfig(SpanConfig):
-    """KVzip-style (baselines/scored.py): entries scored by their largest attention from a
+    """KVzip-style (compaction/baselines/scored.py): entries scored by their largest attention from a
     repeat-prefill pass, top-k over all heads and layers (global head budgets)."""
 
     name: Literal["kvzip"] = "kvzip"

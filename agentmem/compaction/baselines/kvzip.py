@@ -17,7 +17,7 @@ class KVzip:
     Reconstruction", arXiv 2505.23416). The model is asked to repeat the context; each entry's
     score is the largest softmax weight any query of that repetition gives it. Entries are kept
     by score; which heads keep how many is decided globally over all heads and layers (the
-    policy's ``global`` head budgets, budgets.py, with the same score).
+    policy's ``global`` head budgets, policy/head_budgets.py, with the same score).
 
     Queries: (H_q, n, d) from a repeat-prefill pass (compaction/queries.py).
     """
