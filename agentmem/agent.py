@@ -59,6 +59,7 @@ class AgentSession(Session):
         top_p: float = 1.0,
         stop: str | Sequence[str] | None = None,
         tool_rounds: int = 2,
+        **options,
     ) -> GenerationResult:
         """Add the new turn(s) to the conversation and generate the assistant's reply.
 
@@ -70,7 +71,7 @@ class AgentSession(Session):
         """
         if not isinstance(tool_rounds, int) or tool_rounds < 0:
             raise ValueError(f"tool_rounds must be an int >= 0 (got {tool_rounds!r})")
-        result = collect(self.chat_stream(messages, max_new_tokens, temperature, top_p, stop))
+        result = collect(self.chat_stream(messages, max_new_tokens, temperature, top_p, stop, **options))
         for _ in range(tool_rounds if self._offers_recall() else 0):
             queries = [c.arguments.get("query") for c in parse_tool_calls(result.text).calls if c.name == "recall"]
             queries = [q for q in queries if isinstance(q, str) and q.strip()]
@@ -79,13 +80,16 @@ class AgentSession(Session):
             for q in queries:
                 if not self.recall(q).found:  # say so: the model must not wait for lines that never come
                     self.tool_result("recall", f"No earlier tool output matches {q!r}.", ratio=1.0, archive=False)
-            result = collect(self.chat_stream([], max_new_tokens, temperature, top_p, stop))
+            options.pop("seed", None)  # a seed starts the first reply only
+            result = collect(self.chat_stream([], max_new_tokens, temperature, top_p, stop, **options))
         return result
 
-    def chat_stream(self, messages, max_new_tokens=256, temperature=0.0, top_p=1.0, stop=None) -> Iterator[StreamEvent]:
+    def chat_stream(
+        self, messages, max_new_tokens=256, temperature=0.0, top_p=1.0, stop=None, **options
+    ) -> Iterator[StreamEvent]:
         """:meth:`chat`, as a stream of events; with ``auto_recall``, matching tool-output lines are
         read back first, in the same all-or-nothing operation as the reply."""
-        events = super().chat_stream(messages, max_new_tokens, temperature, top_p, stop)  # validates now
+        events = super().chat_stream(messages, max_new_tokens, temperature, top_p, stop, **options)  # validates now
         if not self.auto_recall:
             return events
         new = [{"role": "user", "content": messages}] if isinstance(messages, str) else list(messages)

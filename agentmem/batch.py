@@ -66,10 +66,9 @@ def generate_batch(
                     logits[b] = lg
             for b in active:
                 decodings[b].accept(logits[b])
-        results = [d.result() for d in decodings]
-        for s, chat, r, (_, turn) in zip(sessions, chats, results, begun):
-            s.end_reply(r, turn, chat)
-        return results
+        for s, chat, d, (_, turn) in zip(sessions, chats, decodings, begun):
+            s.end_reply(d, turn, chat)
+        return [d.result() for d in decodings]
 
 
 def _prefill_batch(decodings: list[Decoding]) -> list[torch.Tensor | None]:

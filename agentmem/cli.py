@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from .models import DEFAULT_MODEL
@@ -149,6 +150,9 @@ def cmd_serve(args) -> int:
         max_body_bytes=int(args.max_body_mb * MiB),
         max_sessions=args.max_sessions,
         max_new_tokens=args.max_new_tokens,
+        seed=args.seed,
+        api_key=args.api_key or os.environ.get("AGENTMEM_API_KEY") or None,
+        cors_origins=args.cors_origin or [],
     )
     return 0
 
@@ -187,7 +191,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("rest", nargs=argparse.REMAINDER)
     bench.set_defaults(func=cmd_bench)
 
-    serve = sub.add_parser("serve", help="OpenAI-compatible server (/v1/chat/completions), a session per conversation")
+    serve = sub.add_parser("serve", help="OpenAI-compatible server (FastAPI + uvicorn), a session per conversation")
     _add_session_args(serve)
     serve.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     serve.add_argument("--port", type=int, default=8000)
@@ -195,6 +199,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--max-body-mb", type=float, default=8.0, help="largest request body (MiB); larger: 413")
     serve.add_argument("--max-sessions", type=int, default=32, help="conversations kept (least recently used out)")
     serve.add_argument("--max-new-tokens", type=int, default=512, help="when a request gives no max_tokens")
+    serve.add_argument("--api-key", default=None, help="clients must send it as a bearer token (or AGENTMEM_API_KEY)")
+    serve.add_argument("--cors-origin", action="append", help="allow browser requests from this origin ('*': any)")
     serve.set_defaults(func=cmd_serve)
 
     calibrate = sub.add_parser("calibrate", help="measure per-head sensitivity curves and write a head profile")

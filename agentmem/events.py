@@ -93,6 +93,7 @@ class GenerationResult:
     token_ids: list[int]
     finish_reason: FinishReason
     stats: GenerationStats
+    logprobs: list[TokenLogprob] | None = None  # per generated token, when asked for (``logprobs=``)
 
 
 @dataclass
@@ -108,6 +109,17 @@ class StreamEvent:
     kv_bytes: int = 0
     compaction: CompactionEvent | None = None
     result: GenerationResult | None = None
+    logprobs: list[TokenLogprob] | None = None  # of the tokens this event covers, when asked for
+
+
+@dataclass
+class TokenLogprob:
+    """A generated token's log-probability under the model (after logit bias, penalties and
+    logits processors, before temperature / top-p / top-k), and the ``top`` most likely tokens."""
+
+    token_id: int
+    logprob: float
+    top: list[tuple[int, float]] = field(default_factory=list)
 
 
 @dataclass(frozen=True)

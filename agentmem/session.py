@@ -23,7 +23,7 @@ from contextlib import contextmanager
 import torch
 
 from ._version import __version__
-from .decoding import Decoding, Sampler, check_generation_args, collect, is_number
+from .decoding import Decoding, Options, Sampler, check_generation_args, collect, is_number
 from .engine import Engine
 from .errors import AgentMemError, BudgetError
 from .events import Archived, CompactionEvent, GenerationResult, ScoreResult, SessionStats, StreamEvent
@@ -418,26 +418,33 @@ class Session:
         self.pinned.append(turn)
         return ids, turn
 
-    def end_reply(self, result: GenerationResult | None, turn: tuple[int, int] | None, chat: bool) -> None:
-        """A reply is over (``result``: what was generated, None if nothing): a chat reply joins the
-        history, the turn pinned for it is released, and so is what :meth:`hold` kept for it."""
-        if chat and result is not None:
-            self.messages.append({"role": "assistant", "content": result.text})
-            self._chat_text += self.tokenizer.decode(result.token_ids, skip_special_tokens=False)
+    def end_reply(self, decoding: Decoding, turn: tuple[int, int] | None, chat: bool) -> None:
+        """A reply is over: a chat reply joins the history (unless nothing was generated because
+        the caller stopped reading first), the turn pinned for it is released, and so is what
+        :meth:`hold` kept for it."""
+        d = decoding
+        if chat and (d.generated or d.finished):
+            self.messages.append({"role": "assistant", "content": d.text})
+            self._chat_text += self.tokenizer.decode(d.prefix_ids + d.generated, skip_special_tokens=False)
         self._unpin(turn)
-        if result is not None and result.token_ids:
+        if d.generated:
             for held in self._held:
                 self._unpin(held)
             self._held = []
 
-    def decoding(self, ids, max_new_tokens, temperature, top_p, stop, ignore_eos) -> Decoding:
+    def decoding(self, ids, max_new_tokens, temperature, top_p, stop, ignore_eos, options=None) -> Decoding:
         """The state of one generation after reading ``ids`` (see :class:`~agentmem.decoding.Decoding`)."""
-        return Decoding(
-            self.engine, self.sampler, self.tokenizer, ids, max_new_tokens, temperature, top_p, stop, ignore_eos
-        )
+        args = (max_new_tokens, temperature, top_p, stop, ignore_eos, options)
+        return Decoding(self.engine, self.sampler, self.tokenizer, ids, *args)
+
+    def options(self, kwargs: dict) -> Options | None:
+        """Checked generation options (:class:`~agentmem.decoding.Options`) from keyword arguments."""
+        if not kwargs:
+            return None
+        return Options.from_kwargs(kwargs, self.model.get_input_embeddings().num_embeddings)
 
     def _stream(
-        self, ids, chat: list[dict] | None, max_new_tokens, temperature, top_p, stop, ignore_eos=False
+        self, ids, chat: list[dict] | None, max_new_tokens, temperature, top_p, stop, ignore_eos=False, options=None
     ) -> Iterator[StreamEvent]:
         """The generation loop. ``chat``: new messages to render (their ids replace ``ids``); the reply
         then joins the history, also when the caller stops reading early (what was generated stays)."""
@@ -445,7 +452,9 @@ class Session:
             turn = None
             if chat is not None:
                 ids, turn = self.begin_reply(chat)
-            d = self.decoding(ids, max_new_tokens, temperature, top_p, stop, ignore_eos)
+            if options is not None and options.seed is not None:
+                self.sampler.generator.manual_seed(options.seed)
+            d = self.decoding(ids, max_new_tokens, temperature, top_p, stop, ignore_eos, options)
             ended = False
             try:
                 logits = d.prefill()
@@ -456,12 +465,12 @@ class Session:
                     if d.steps > 0:
                         logits = self.engine.predict([], self.compactions)
                     yield from d.accept(logits)
-                self.end_reply(d.result(), turn, chat is not None)
+                self.end_reply(d, turn, chat is not None)
                 ended = True
                 yield d.done()
             finally:  # the caller stopped reading: a reply cut short is still the reply
                 if not ended:
-                    self.end_reply(d.result() if d.generated else None, turn, chat is not None)
+                    self.end_reply(d, turn, chat is not None)
 
     # ------------------------------------------------------------------ public: generation
     def stream(
@@ -472,15 +481,20 @@ class Session:
         top_p: float = 1.0,
         stop: str | Sequence[str] | None = None,
         ignore_eos: bool = False,
+        **options,
     ) -> Iterator[StreamEvent]:
         """Read ``prompt`` (raw text) and continue it, yielding token, compaction and done events.
 
         ``prompt=None`` continues from what is already in memory. ``ignore_eos`` keeps generating
-        past end-of-sequence tokens (benchmarks, endless reasoning runs).
+        past end-of-sequence tokens (benchmarks, endless reasoning runs). ``options``: ``top_k``,
+        ``presence_penalty``, ``frequency_penalty``, ``logit_bias``, ``logits_processor``,
+        ``logprobs``, ``seed``, ``streamer`` (transformers' ``TextStreamer``), ``prefix``
+        (see :class:`~agentmem.decoding.Options`).
         """
         check_generation_args(max_new_tokens, temperature, top_p, stop)
+        opts = self.options(options)
         ids = self._prompt_ids(prompt)
-        return self._stream(ids, None, max_new_tokens, temperature, top_p, stop, ignore_eos)
+        return self._stream(ids, None, max_new_tokens, temperature, top_p, stop, ignore_eos, opts)
 
     def stream_tokens(
         self,
@@ -490,13 +504,15 @@ class Session:
         top_p: float = 1.0,
         stop: str | Sequence[str] | None = None,
         ignore_eos: bool = False,
+        **options,
     ) -> Iterator[StreamEvent]:
         """:meth:`stream` of a prompt given as token ids (read as they are, no tokenization)."""
         check_generation_args(max_new_tokens, temperature, top_p, stop)
+        opts = self.options(options)
         ids = self._token_ids(ids)
         if not ids and not self.engine.pending:
             raise ValueError("nothing to continue: the session is empty; pass token ids")
-        return self._stream(ids, None, max_new_tokens, temperature, top_p, stop, ignore_eos)
+        return self._stream(ids, None, max_new_tokens, temperature, top_p, stop, ignore_eos, opts)
 
     def generate(
         self,
@@ -506,9 +522,11 @@ class Session:
         top_p: float = 1.0,
         stop: str | Sequence[str] | None = None,
         ignore_eos: bool = False,
+        **options,
     ) -> GenerationResult:
-        """Read raw ``prompt`` and continue it; returns text, token ids, finish reason and stats."""
-        return collect(self.stream(prompt, max_new_tokens, temperature, top_p, stop, ignore_eos))
+        """Read raw ``prompt`` and continue it; returns text, token ids, finish reason and stats
+        (``options``: as :meth:`stream`)."""
+        return collect(self.stream(prompt, max_new_tokens, temperature, top_p, stop, ignore_eos, **options))
 
     def chat(
         self,
@@ -517,14 +535,18 @@ class Session:
         temperature: float = 0.0,
         top_p: float = 1.0,
         stop: str | Sequence[str] | None = None,
+        **options,
     ) -> GenerationResult:
         """Add the new turn(s) to the conversation and generate the assistant's reply.
 
         ``messages`` are the *new* messages (a str is one user message); the history is kept.
+        ``options``: as :meth:`stream`.
         """
-        return collect(self.chat_stream(messages, max_new_tokens, temperature, top_p, stop))
+        return collect(self.chat_stream(messages, max_new_tokens, temperature, top_p, stop, **options))
 
-    def chat_stream(self, messages, max_new_tokens=256, temperature=0.0, top_p=1.0, stop=None) -> Iterator[StreamEvent]:
+    def chat_stream(
+        self, messages, max_new_tokens=256, temperature=0.0, top_p=1.0, stop=None, **options
+    ) -> Iterator[StreamEvent]:
         """:meth:`chat`, as a stream of events. ``messages=[]`` asks for the model's turn after the
         chat history already read (e.g. after a tool output)."""
         if isinstance(messages, str):
@@ -533,7 +555,8 @@ class Session:
             raise ValueError("messages must be a non-empty list of {'role', 'content'} dicts (or one str)")
         check_messages(messages)
         check_generation_args(max_new_tokens, temperature, top_p, stop)
-        return self._stream([], list(messages), max_new_tokens, temperature, top_p, stop)
+        opts = self.options(options)
+        return self._stream([], list(messages), max_new_tokens, temperature, top_p, stop, False, opts)
 
     def read_messages(self, messages: list[dict]) -> None:
         """Read chat messages into memory without asking for a reply (all or nothing)."""

@@ -72,3 +72,53 @@ def _call(body: str) -> ToolCall | None:
     if not isinstance(args, dict):
         return None
     return ToolCall(obj["name"], args)
+
+
+OPEN = "<tool_call>"
+
+
+def forced_prefix(name: str | None = None) -> str:
+    """The opening of a Hermes tool call that a reply is made to start with (``tool_choice``):
+    any function (``"required"``), or the function ``name`` (a named choice; its arguments follow)."""
+    if name is None:
+        return OPEN + '\n{"name": "'
+    return OPEN + '\n{"name": ' + json.dumps(name, ensure_ascii=False) + ', "arguments": '
+
+
+class ContentStream:
+    """A reply's text streamed as content while tool calls are held back: from the first
+    ``<tool_call>`` on (and a trailing ``<tool_c...`` that may become one) nothing is sent until
+    the reply ends; :meth:`finish` then parses the whole reply."""
+
+    def __init__(self) -> None:
+        self.text = ""
+        self.sent = 0  # characters of ``text`` sent as content
+        self.blocked = False
+
+    def push(self, delta: str) -> str:
+        """Add generated text; returns the content that can be sent now."""
+        self.text += delta
+        if self.blocked:
+            return ""
+        at = self.text.find(OPEN, max(0, self.sent - len(OPEN)))
+        if at >= 0:
+            self.blocked = True
+            end = at
+        else:
+            hold = next(
+                (k for k in range(min(len(OPEN) - 1, len(self.text)), 0, -1) if OPEN.startswith(self.text[-k:])), 0
+            )
+            end = len(self.text) - hold
+        out, self.sent = self.text[self.sent : max(self.sent, end)], max(self.sent, end)
+        return out
+
+    def finish(self) -> tuple[str, list[ToolCall]]:
+        """The content not sent yet, and the reply's tool calls (none: everything held back is content)."""
+        parsed = parse_tool_calls(self.text)
+        if not parsed.calls:
+            rest, self.sent = self.text[self.sent :], len(self.text)
+            return rest, []
+        sent = self.text[: self.sent].strip()
+        rest = parsed.content[len(sent) :] if parsed.content.startswith(sent) else ""
+        self.sent = len(self.text)
+        return rest, parsed.calls

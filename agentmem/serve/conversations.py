@@ -1,46 +1,56 @@
-"""OpenAI-compatible HTTP server: one :class:`AgentSession` (its own KV budget) per conversation.
+"""The server's conversations: one :class:`AgentSession` (its own KV budget) per conversation.
 
-Endpoints: ``POST /v1/chat/completions`` (JSON, or server-sent events with ``"stream": true``),
-``GET /v1/models``, ``GET /v1/models/{id}``, ``GET /health``. This module holds the conversations;
-the HTTP layer is :mod:`agentmem.serve.http`.
+Endpoints served (:mod:`agentmem.serve.http`): ``POST /v1/chat/completions`` and
+``POST /v1/completions`` (JSON, or server-sent events with ``"stream": true``), ``GET /v1/models``,
+``GET /v1/models/{id}``, ``GET /health``. This module holds what a request does.
 
 Conversations. The conversation id is taken from the ``X-Conversation-Id`` header, else the body
 field ``conversation_id`` (``extra_body`` in the openai client), else ``metadata["conversation_id"]``.
 A request with an id reuses that conversation's session; without one, a fresh session serves the
 request and is dropped. A session keeps its own history, so of the request's ``messages`` only the
 new ones are read: if the messages the conversation has already read or generated are a prefix of
-``messages`` (compared on role, content, tool_calls and tool_call_id), only the messages after
-that prefix are read; otherwise all of ``messages`` are taken as new (a client may send just the
-new turn). Requests of one conversation run one at a time; different conversations run at once on
-the shared model and never see each other's memory. At most ``max_sessions`` conversations are
-kept (least recently used first out).
+``messages`` (compared on role, content, tool calls (name and parsed arguments) and tool_call_id),
+only the messages after that prefix are read; otherwise all of ``messages`` are taken as new (a
+client may send just the new turn). Requests of one conversation run one at a time; different
+conversations run at once on the shared model and never see each other's memory. At most
+``max_sessions`` conversations are kept (least recently used first out).
+
+A request is all or nothing: it runs in one session transaction. If the client goes away before
+the reply is complete (or the request fails), the conversation is put back exactly as it was
+before the request -- its memory, history and sampler -- so the client's next turn is read as if
+the cancelled one never happened. A reply stopped by ``max_request_seconds`` is kept (finish
+reason ``length``).
 
 Messages: ``system`` / ``developer`` messages are pinned (never compacted) when they take at most a
 quarter of the budget; ``tool`` messages go through :func:`agentmem.tools.tool_result`, so they
 are compacted right after they are read, with receipts; ``user`` / ``assistant`` messages (with
-their ``tool_calls``) and the request's ``tools`` are rendered by the model's chat template. The
-server does not parse tool calls out of the model's reply: replies are plain ``content``.
+their ``tool_calls``) and the request's ``tools`` are rendered by the model's chat template.
+
+Tool calls in the reply are parsed in the Hermes / Qwen 2.5 format (:mod:`agentmem.toolparse`)
+into OpenAI ``tool_calls`` (``finish_reason`` ``tool_calls``); ``tool_choice``: ``auto`` (the
+default with tools), ``none`` (tools are not shown to the model and nothing is parsed),
+``required`` and a named function (the reply is made to start with a tool call, of that function);
+``parallel_tool_calls=false`` keeps the first call.
 
 Extensions of the OpenAI format: body fields ``max_kv_mb`` (the conversation's KV budget, set when
 it is created; default ``--max-kv-mb``), ``tool_ratio`` (compaction ratio of this request's tool
-messages) and ``conversation_id``; responses (and the last stream chunk) carry a top-level
-``agentmem`` object: conversation id, memory stats, the compactions run during the request and the
-tool receipts. ``usage.prompt_tokens`` counts the tokens read for this request (the new messages),
-not the whole history. ``temperature`` defaults to 0 (greedy) when omitted.
-
-Errors use OpenAI's shape ``{"error": {"message", "type", "param", "code"}}``: malformed JSON or
-invalid fields 400, unknown model 404, body over ``max_body_bytes`` 413; the server keeps serving.
+messages), ``top_k`` and ``conversation_id``; responses (and the last stream chunk) carry a
+top-level ``agentmem`` object: conversation id, memory stats, the compactions run during the
+request and the tool receipts. ``usage.prompt_tokens`` counts every token of the prompt (the
+conversation so far and the new messages); ``usage.prompt_tokens_details.cached_tokens`` those
+that were already in memory before the request. ``temperature`` defaults to 0 (greedy).
 """
 
 from __future__ import annotations
 
-import itertools
 import json
 import logging
 import threading
 import time
+import uuid
 from collections import OrderedDict
 from collections.abc import Iterator
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -48,10 +58,10 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from ..agent import AgentSession
 from ..errors import AgentMemError
-from ..events import CompactionEvent
 from ..models import LoadedModel, load_model
+from ..toolparse import ContentStream, forced_prefix, parse_tool_calls
 from ..units import MiB
-from .openai import APIError, ChatCompletionRequest, ChatMessage
+from .openai import APIError, ChatCompletionRequest, ChatMessage, CompletionRequest
 
 log = logging.getLogger(__name__)
 
@@ -70,6 +80,13 @@ class ServerConfig(BaseModel):
         default=600.0, gt=0.0, description="a reply stops (finish_reason 'length') once its request has run this long"
     )
     max_header_bytes: int = Field(default=256, ge=16, description="longest X-Conversation-Id header")
+    api_key: str | None = Field(default=None, description="clients must send 'Authorization: Bearer <api_key>'")
+    cors_origins: list[str] = Field(default_factory=list, description="origins allowed by CORS ('*': any)")
+    seed: int = Field(default=0, description="seed of each new conversation's sampler (a request's seed overrides)")
+
+
+class Cancelled(Exception):
+    """The client went away: the request's transaction is rolled back."""
 
 
 def _text(content: str | list[dict[str, Any]] | None) -> str:
@@ -95,9 +112,23 @@ def _message(m: ChatMessage) -> dict:
     return d
 
 
+def _arguments(raw: Any) -> Any:
+    if isinstance(raw, str):
+        try:
+            return json.loads(raw)
+        except json.JSONDecodeError:
+            return raw
+    return raw
+
+
 def _key(m: dict) -> tuple:
-    calls = json.dumps(m.get("tool_calls"), sort_keys=True) if m.get("tool_calls") else None
-    return (m["role"], m["content"], calls, m.get("tool_call_id"))
+    """What identifies a message when a client sends the history back: role, content (None and ""
+    alike), tool calls by name and parsed arguments (ids and JSON spacing may differ), tool_call_id."""
+    calls = None
+    if m.get("tool_calls"):
+        fns = [(c.get("function") or {}) for c in m["tool_calls"] if isinstance(c, dict)]
+        calls = json.dumps([[f.get("name"), _arguments(f.get("arguments"))] for f in fns], sort_keys=True)
+    return (m["role"], m.get("content") or "", calls, m.get("tool_call_id"))
 
 
 @dataclass
@@ -117,7 +148,12 @@ def new_messages(history: list[tuple], messages: list[dict]) -> list[dict]:
 
 
 class Conversations:
-    """The server's state without HTTP: one loaded model and its conversations, each a session."""
+    """The server's state without HTTP: one loaded model and its conversations, each a session.
+
+    :meth:`chat` and :meth:`complete` are generators of reply chunks (dicts) meant to run start to
+    finish in one thread (a session's lock belongs to the thread that takes it); a request-level
+    error is raised as :class:`APIError` before the first chunk.
+    """
 
     def __init__(self, model: LoadedModel | str | None = None, config: ServerConfig | None = None, **kw):
         self.config = config or ServerConfig(**kw)
@@ -129,7 +165,7 @@ class Conversations:
 
     # -------------------------------------------------------------- sessions
     def _new_session(self, max_kv_mb: float) -> AgentSession:
-        return AgentSession(self.loaded, max_kv_mb=max_kv_mb, policy=self.config.policy)
+        return AgentSession(self.loaded, max_kv_mb=max_kv_mb, policy=self.config.policy, seed=self.config.seed)
 
     def conversation(self, conv_id: str | None, max_kv_mb: float | None) -> tuple[Conversation, bool]:
         """(conversation, whether it is kept after the request)."""
@@ -168,8 +204,9 @@ class Conversations:
         with self._lock:
             return list(self._conversations)
 
-    # -------------------------------------------------------------- chat
-    def parse(self, body: bytes) -> ChatCompletionRequest:
+    # -------------------------------------------------------------- requests
+    def parse(self, body: bytes, kind: type[BaseModel] = ChatCompletionRequest):
+        """A request body, validated; APIError (400 naming the field, or 404 for another model)."""
         try:
             data = json.loads(body)
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
@@ -179,57 +216,122 @@ class Conversations:
         if not isinstance(data, dict):
             raise APIError(400, "request body must be a JSON object", code="invalid_json")
         try:
-            req = ChatCompletionRequest.model_validate(data)
+            req = kind.model_validate(data)
         except RecursionError:
             raise APIError(400, "request body is nested too deeply", code="invalid_json") from None
         except ValidationError as exc:
             err = exc.errors()[0]
             loc = ".".join(str(p) for p in err["loc"])
-            raise APIError(400, f"{loc}: {err['msg']} ({exc.error_count()} error(s))", param=loc) from exc
+            msg = err["msg"].removeprefix("Value error, ")
+            if err["type"] == "extra_forbidden":
+                msg = f"{loc} is not a field agentmem accepts (refused rather than ignored)"
+            raise APIError(400, f"{loc}: {msg}" if loc else msg, param=loc or None) from exc
         if req.model != self.model_id:
             message = f"model {req.model!r} does not exist; this server has {self.model_id!r}"
             raise APIError(404, message, code="model_not_found", param="model")
         return req
 
-    def chat(self, req: ChatCompletionRequest, conv_id: str | None) -> Iterator[dict]:
-        """Run one request; yields stream chunks (the last one has ``finish_reason``) as dicts.
-
-        Everything that can fail on the request's content fails before the first chunk.
-        """
-        conv_id = conv_id or req.conversation_id or (req.metadata or {}).get("conversation_id")
-        if conv_id is not None:
-            conv_id = str(conv_id)
-        conv, kept = self.conversation(conv_id, req.max_kv_mb)
-        messages = [_message(m) for m in req.messages]
-        max_new = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
-        max_new = self.config.max_new_tokens if max_new is None else max_new
+    def _max_new(self, *values: int | None) -> int:
+        given = next((v for v in values if v is not None), None)
+        max_new = self.config.max_new_tokens if given is None else given
         if max_new > self.config.max_new_tokens_limit:
             raise APIError(400, f"max_tokens must be <= {self.config.max_new_tokens_limit}", param="max_tokens")
-        conv.lock.acquire()
-        try:
+        return max_new
+
+    def _options(self, req, logprobs: int | None) -> dict:
+        opts: dict[str, Any] = {}
+        if req.seed is not None:
+            opts["seed"] = req.seed
+        if req.top_k:
+            opts["top_k"] = req.top_k
+        if req.presence_penalty:
+            opts["presence_penalty"] = req.presence_penalty
+        if req.frequency_penalty:
+            opts["frequency_penalty"] = req.frequency_penalty
+        if req.logit_bias:
+            opts["logit_bias"] = req.logit_bias
+        if logprobs is not None:
+            opts["logprobs"] = logprobs
+        return opts
+
+    def _conv_id(self, header: str | None, req) -> str | None:
+        conv_id = header or req.conversation_id or (getattr(req, "metadata", None) or {}).get("conversation_id")
+        return None if conv_id is None else str(conv_id)
+
+    def chat(self, req: ChatCompletionRequest, conv_header: str | None, cancelled: threading.Event | None = None):
+        """One chat completion: chunks ``{"delta"}``, ``{"logprobs"}``, ``{"tool_calls"}``, then the
+        final ``{"finish_reason", "usage", "agentmem"}``."""
+        conv_id = self._conv_id(conv_header, req)
+        messages = [_message(m) for m in req.messages]
+        max_new = self._max_new(req.max_completion_tokens, req.max_tokens)
+        opts = self._options(req, (req.top_logprobs or 0) if req.logprobs else None)
+        tools = req.tools if req.tools and req.tool_choice != "none" else None
+        if tools and (req.tool_choice == "required" or req.forced_tool):
+            opts["prefix"] = forced_prefix(req.forced_tool)
+        conv, kept = self.conversation(conv_id, req.max_kv_mb)
+        with conv.lock, ExitStack() as stack:  # one request of a conversation at a time
             session = conv.session
-            first_event = len(session.compactions)
-            t_before = len(session.transcript_ids)
-            new = new_messages(conv.history, messages)
-            session.tools = req.tools or None
-            split = len(new) - 1 if new and new[-1]["role"] in ("user", "assistant") else len(new)
-            receipts = self._feed(conv, new[:split], req)
-            tail = new[split:]  # read together with the generation prompt
-            events = session.chat_stream(tail, max_new, req.temperature or 0.0, req.top_p or 1.0, req.stop)
-            try:  # read the prompt now: its errors are the request's, and what is recorded is what was read
-                first = next(events)
+            n_history, first_event, t_before = len(conv.history), len(session.compactions), len(session.transcript_ids)
+            stack.enter_context(session.transaction())
+            try:
+                new = new_messages(conv.history, messages)
+                session.tools = tools
+                split = len(new) - 1 if new and new[-1]["role"] in ("user", "assistant") else len(new)
+                receipts = self._feed(conv, new[:split], req)
+                tail = new[split:]  # read together with the generation prompt
+                events = session.chat_stream(tail, max_new, req.temperature or 0.0, req.top_p or 1.0, req.stop, **opts)
+                conv.history.extend(_key(m) for m in tail)
+                content = ContentStream() if tools else None
+                if content is not None:
+                    content.push(opts.get("prefix", ""))
+                result = yield from self._reply(events, cancelled, content)
+                finish = "length" if result["finish"] == "length" else "stop"
+                message = {"role": "assistant", "content": result["text"]}
+                if content is not None:
+                    rest, calls = content.finish()
+                    if rest:
+                        yield {"delta": rest}
+                    if calls:
+                        calls = calls[:1] if req.parallel_tool_calls is False else calls
+                        items = [c.as_openai(f"call_{uuid.uuid4().hex[:24]}") for c in calls]
+                        yield {"tool_calls": items}
+                        finish = "tool_calls"
+                        visible = parse_tool_calls(content.text).content or None
+                        message = {"role": "assistant", "content": visible, "tool_calls": items}
+                conv.history.append(_key(message))
+                yield self._final(conv, kept, conv_id, result, finish, receipts, first_event, t_before)
+            except AgentMemError as exc:
+                del conv.history[n_history:]
+                raise APIError(400, str(exc)) from exc
             except BaseException:
-                events.close()
+                del conv.history[n_history:]  # the transaction puts the session back; the history goes with it
                 raise
-            conv.history.extend(_key(m) for m in tail)
-        except AgentMemError as exc:
-            conv.lock.release()
-            raise APIError(400, str(exc)) from exc
-        except BaseException:
-            conv.lock.release()
-            raise
-        run = self._run(conv, kept, conv_id, first, events, receipts, first_event, t_before)
-        return Reply(run, conv.lock)
+
+    def complete(self, req: CompletionRequest, conv_header: str | None, cancelled: threading.Event | None = None):
+        """One text completion (no chat template): chunks as :meth:`chat`'s, and ``{"echo"}`` first."""
+        conv_id = self._conv_id(conv_header, req)
+        max_new = self._max_new(req.max_tokens)
+        opts = self._options(req, req.logprobs)
+        conv, kept = self.conversation(conv_id, req.max_kv_mb)
+        prompt = req.prompt[0] if isinstance(req.prompt, list) and isinstance(req.prompt[0], str) else req.prompt
+        with conv.lock, ExitStack() as stack:
+            session = conv.session
+            first_event, t_before = len(session.compactions), len(session.transcript_ids)
+            stack.enter_context(session.transaction())
+            try:
+                args = (max_new, req.temperature or 0.0, req.top_p or 1.0, req.stop)
+                if isinstance(prompt, str):
+                    events = session.stream(prompt, *args, **opts)
+                else:
+                    events = session.stream_tokens(prompt, *args, **opts)
+                echo = None
+                if req.echo:
+                    echo = prompt if isinstance(prompt, str) else session.tokenizer.decode(prompt)
+                result = yield from self._reply(events, cancelled, None, echo)
+                finish = "length" if result["finish"] == "length" else "stop"
+                yield self._final(conv, kept, conv_id, result, finish, [], first_event, t_before)
+            except AgentMemError as exc:
+                raise APIError(400, str(exc)) from exc
 
     def _feed(self, conv: Conversation, messages: list[dict], req: ChatCompletionRequest) -> list:
         """Read messages without generating: system pinned, tool outputs compacted (receipts)."""
@@ -266,71 +368,68 @@ class Conversations:
         flush()
         return receipts
 
-    def _run(self, conv, kept, conv_id, first, events, receipts, first_event, t_before) -> Iterator[dict]:
-        session = conv.session
+    def _reply(self, events: Iterator, cancelled: threading.Event | None, content: ContentStream | None, echo=None):
+        """Run the generation: the prompt is read before the first chunk (its errors are the
+        request's); yields text and logprob chunks; returns what the final chunk needs."""
+        deadline = time.monotonic() + self.config.max_request_seconds
+        text, generated, finish, result = [], 0, "length", None
         try:
-            text, generated, finish = [], 0, "length"
-            deadline = time.monotonic() + self.config.max_request_seconds
-            for ev in itertools.chain([first], events):
+            first = next(events)
+            yield {"started": True}
+            if echo is not None:
+                yield {"delta": echo, "echo": True}
+            for ev in _chain(first, events):
+                if cancelled is not None and cancelled.is_set():
+                    raise Cancelled()
                 if ev.kind == "token":
                     generated = ev.generated_tokens
+                    if ev.logprobs:
+                        yield {"logprobs": ev.logprobs}
                     if ev.text:
                         text.append(ev.text)
-                        yield {"delta": ev.text}
+                        out = content.push(ev.text) if content is not None else ev.text
+                        if out:
+                            yield {"delta": out}
                 elif ev.kind == "done":
-                    generated, finish = ev.result.stats.generated_tokens, ev.result.finish_reason
+                    result = ev.result
+                    generated, finish = result.stats.generated_tokens, result.finish_reason
                 if time.monotonic() > deadline and ev.kind != "done":  # the reply so far is the reply
                     log.warning("request stopped after max_request_seconds=%s", self.config.max_request_seconds)
-                    events.close()
                     break
-            conv.history.append(_key({"role": "assistant", "content": "".join(text)}))
-            # every token this request read: new messages, generation prompt (not the reply)
-            prompt_tokens = len(session.transcript_ids) - t_before - generated
-            compactions: list[CompactionEvent] = session.compactions[first_event:]
-            st = session.stats
-            yield {
-                "finish_reason": "length" if finish == "length" else "stop",
-                "usage": {
-                    "prompt_tokens": prompt_tokens,
-                    "completion_tokens": generated,
-                    "total_tokens": prompt_tokens + generated,
-                },
-                "agentmem": {
-                    "conversation_id": conv_id if kept else None,
-                    "max_kv_mb": conv.max_kv_mb,
-                    "stats": {
-                        "kv_bytes": st.kv_bytes,
-                        "payload_bytes": st.payload_bytes,
-                        "peak_kv_bytes": st.peak_kv_bytes,
-                        "max_kv_bytes": st.max_kv_bytes,
-                        "logical_tokens": st.logical_tokens,
-                        "physical_tokens": st.physical_tokens,
-                        "compactions_total": len(st.compactions),
-                    },
-                    "compactions": [e.as_dict() for e in compactions],
-                    "tool_receipts": [r.as_dict(events=False) for r in receipts],
-                },
-            }
         finally:
             events.close()
+        return {"text": "".join(text), "generated": generated, "finish": finish}
+
+    def _final(self, conv, kept, conv_id, result, finish, receipts, first_event, t_before) -> dict:
+        session = conv.session
+        prompt_tokens = len(session.transcript_ids) - result["generated"]
+        st = session.stats
+        return {
+            "finish_reason": finish,
+            "usage": {
+                "prompt_tokens": prompt_tokens,
+                "completion_tokens": result["generated"],
+                "total_tokens": prompt_tokens + result["generated"],
+                "prompt_tokens_details": {"cached_tokens": t_before},
+            },
+            "agentmem": {
+                "conversation_id": conv_id if kept else None,
+                "max_kv_mb": conv.max_kv_mb,
+                "stats": {
+                    "kv_bytes": st.kv_bytes,
+                    "payload_bytes": st.payload_bytes,
+                    "peak_kv_bytes": st.peak_kv_bytes,
+                    "max_kv_bytes": st.max_kv_bytes,
+                    "logical_tokens": st.logical_tokens,
+                    "physical_tokens": st.physical_tokens,
+                    "compactions_total": len(st.compactions),
+                },
+                "compactions": [e.as_dict() for e in session.compactions[first_event:]],
+                "tool_receipts": [r.as_dict(events=False) for r in receipts],
+            },
+        }
 
 
-class Reply:
-    """The chunks of one reply; holds the conversation's lock until exhausted or closed."""
-
-    def __init__(self, chunks: Iterator[dict], lock: threading.Lock):
-        self._chunks, self._lock, self._held = chunks, lock, True
-
-    def __iter__(self) -> Iterator[dict]:
-        try:
-            yield from self._chunks
-        finally:
-            self.close()
-
-    def close(self) -> None:
-        if self._held:
-            self._held = False
-            try:
-                self._chunks.close()
-            finally:
-                self._lock.release()
+def _chain(first, rest: Iterator) -> Iterator:
+    yield first
+    yield from rest

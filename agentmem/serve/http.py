@@ -1,289 +1,360 @@
-"""The HTTP layer of the OpenAI-compatible server: routing, JSON and server-sent events, body limits.
+"""The HTTP layer of the OpenAI-compatible server: FastAPI routes served by uvicorn.
 
-Built on the standard library's ``ThreadingHTTPServer`` (a thread per request); what a request
-does is :class:`~agentmem.serve.conversations.Conversations`'.
+Routes: ``POST /v1/chat/completions``, ``POST /v1/completions`` (JSON, or server-sent events with
+``"stream": true``), ``GET /v1/models``, ``GET /v1/models/{id}``, ``GET /health`` (``HEAD`` on each
+``GET``; ``OPTIONS`` anywhere, and CORS preflights when ``cors_origins`` is set). With ``api_key``
+set, every route but ``/health`` needs ``Authorization: Bearer <api_key>`` (401 otherwise).
+Errors use OpenAI's shape ``{"error": {"message", "type", "param", "code"}}``: malformed JSON or a
+field refused 400, unknown model 404, body over ``max_body_bytes`` 413; the server keeps serving.
+
+Each request runs in a thread of its own from start to finish (:class:`Job`), so a conversation's
+session is only ever touched by one thread at a time; chunks cross to the event loop through a
+queue. A client that disconnects cancels its request at the next token, and the conversation is
+put back as it was before the request (:mod:`agentmem.serve.conversations`).
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
-import select
 import socket
 import threading
 import time
 import uuid
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from collections.abc import AsyncIterator, Callable, Iterator
+
+import uvicorn
+from fastapi import FastAPI, Request
+from fastapi.middleware.cors import CORSMiddleware
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..models import LoadedModel
-from ..units import MiB
-from .conversations import Conversations, Reply, ServerConfig
-from .openai import APIError, ChatCompletionRequest
+from .conversations import Conversations, ServerConfig
+from .openai import APIError, ChatCompletionRequest, CompletionRequest, chat_logprobs, completion_logprobs
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("agentmem.serve")
+
+_END = object()
+
+
+class Job:
+    """One request's chunk generator, run start to finish in its own thread; the event loop reads
+    its chunks (or the exception it raised) from a queue. :meth:`cancel` asks the generator to stop
+    at its next chunk (it raises ``Cancelled`` inside, and the request is rolled back)."""
+
+    def __init__(self, make: Callable[[threading.Event], Iterator[dict]]):
+        self.cancelled = threading.Event()
+        self.loop = asyncio.get_running_loop()
+        self.queue: asyncio.Queue = asyncio.Queue()
+        self.thread = threading.Thread(target=self._run, args=(make,), name="agentmem-request", daemon=True)
+        self.thread.start()
+
+    def _put(self, item) -> None:
+        self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
+
+    def _run(self, make) -> None:
+        try:
+            for chunk in make(self.cancelled):
+                self._put(chunk)
+        except BaseException as exc:  # noqa: BLE001 - handed to the event loop, which decides
+            self._put(exc)
+        finally:
+            self._put(_END)
+
+    async def next(self):
+        """The next chunk; _END when the generator is done; raises what the generator raised."""
+        item = await self.queue.get()
+        if isinstance(item, BaseException):
+            raise item
+        return item
+
+    def cancel(self) -> None:
+        self.cancelled.set()
+
+
+def _error(err: APIError) -> JSONResponse:
+    headers = {"WWW-Authenticate": "Bearer"} if err.status == 401 else None
+    return JSONResponse(err.body(), status_code=err.status, headers=headers)
+
+
+def create_app(conversations: Conversations) -> FastAPI:
+    """The FastAPI application serving ``conversations``."""
+    cfg = conversations.config
+    app = FastAPI(title="agentmem", docs_url=None, redoc_url=None, openapi_url=None)
+    if cfg.cors_origins:
+        app.add_middleware(
+            CORSMiddleware, allow_origins=cfg.cors_origins, allow_methods=["*"], allow_headers=["*"], max_age=600
+        )
+
+    @app.middleware("http")
+    async def gatekeeper(request: Request, call_next):
+        t0 = time.perf_counter()
+        if cfg.api_key and request.method != "OPTIONS" and request.url.path.rstrip("/") != "/health":
+            auth = request.headers.get("authorization", "")
+            if auth != f"Bearer {cfg.api_key}":
+                return _error(
+                    APIError(401, "missing or wrong API key: send 'Authorization: Bearer <key>'", "invalid_api_key")
+                )
+        if request.method == "OPTIONS" and not cfg.cors_origins:
+            return Response(status_code=204, headers={"Allow": "GET, HEAD, POST, OPTIONS"})
+        response = await call_next(request)
+        log.info(
+            "%s %s %s %.0f ms", request.method, request.url.path, response.status_code, (time.perf_counter() - t0) * 1e3
+        )
+        return response
+
+    @app.exception_handler(APIError)
+    async def api_error(request: Request, err: APIError):
+        return _error(err)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException):
+        if exc.status_code == 405:
+            return _error(APIError(405, f"{request.method} is not allowed on {request.url.path}", "method_not_allowed"))
+        return _error(APIError(exc.status_code, f"no route {request.url.path!r}", "not_found"))
+
+    def model_card() -> dict:
+        return {
+            "id": conversations.model_id,
+            "object": "model",
+            "created": conversations.created,
+            "owned_by": "agentmem",
+        }
+
+    @app.api_route("/health", methods=["GET", "HEAD"])
+    async def health():
+        return {"status": "ok", "model": conversations.model_id, "conversations": len(conversations.conversation_ids)}
+
+    @app.api_route("/v1/models", methods=["GET", "HEAD"])
+    async def models():
+        return {"object": "list", "data": [model_card()]}
+
+    @app.api_route("/v1/models/{model_id:path}", methods=["GET", "HEAD"])
+    async def model(model_id: str):
+        if model_id != conversations.model_id:
+            raise APIError(404, f"model {model_id!r} does not exist", "model_not_found")
+        return model_card()
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request):
+        return await _serve(request, conversations, ChatCompletionRequest)
+
+    @app.post("/v1/completions")
+    async def completions(request: Request):
+        return await _serve(request, conversations, CompletionRequest)
+
+    return app
+
+
+async def _body(request: Request, limit: int) -> bytes:
+    length = request.headers.get("content-length")
+    too_large = APIError(413, f"request body is over the limit of {limit} bytes", "request_too_large")
+    if length is not None:
+        if not length.isdigit():
+            raise APIError(400, "invalid Content-Length")
+        if int(length) > limit:
+            raise too_large
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > limit:
+            raise too_large
+    return bytes(body)
+
+
+async def _serve(request: Request, conversations: Conversations, kind) -> Response:
+    cfg = conversations.config
+    body = await _body(request, cfg.max_body_bytes)
+    conv_header = request.headers.get("x-conversation-id")
+    if conv_header is not None and len(conv_header) > cfg.max_header_bytes:
+        raise APIError(
+            400, f"X-Conversation-Id is longer than {cfg.max_header_bytes} characters", param="X-Conversation-Id"
+        )
+    req = conversations.parse(body, kind)
+    chat = kind is ChatCompletionRequest
+    run = conversations.chat if chat else conversations.complete
+    job = Job(lambda cancelled: run(req, conv_header, cancelled))
+    try:
+        first = await job.next()  # the request's own errors come before its first chunk
+    except APIError:
+        raise
+    except (ValueError, TypeError) as exc:
+        raise APIError(400, str(exc)) from exc
+    except Exception as exc:
+        log.exception("request failed")
+        raise APIError(500, f"internal error: {type(exc).__name__}: {exc}") from exc
+    reply = _Reply(job, conversations, req, chat)
+    if req.stream:
+        return StreamingResponse(
+            reply.events(request), media_type="text/event-stream", headers={"Cache-Control": "no-cache"}
+        )
+    return await reply.whole(request, first)
+
+
+class _Reply:
+    """Turns a job's chunks into an OpenAI response: one JSON body, or server-sent events."""
+
+    def __init__(self, job: Job, conversations: Conversations, req, chat: bool):
+        self.job, self.req, self.chat = job, req, chat
+        self.model = conversations.model_id
+        self.tokenizer = conversations.loaded.tokenizer
+        self.id = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}"
+        self.created = int(time.time())
+
+    def decode(self, token: int) -> str:
+        return self.tokenizer.decode([token], skip_special_tokens=False)
+
+    def logprobs(self, entries: list, offset: int = 0) -> dict | None:
+        """The request's ``logprobs`` object for these tokens (None when it did not ask)."""
+        if self.chat:
+            return chat_logprobs(entries, self.decode) if self.req.logprobs else None
+        return completion_logprobs(entries, self.decode, offset) if self.req.logprobs is not None else None
+
+    async def _chunks(self, request: Request, poll: bool) -> AsyncIterator[dict]:
+        """The job's chunks until the end. ``poll``: watch the connection meanwhile and cancel the
+        job if the client goes away (a streamed response learns it from its own send instead)."""
+        while True:
+            get = asyncio.ensure_future(self.job.next())
+            while not get.done():
+                done, _ = await asyncio.wait({get}, timeout=0.25)
+                if poll and not done and not self.job.cancelled.is_set() and await request.is_disconnected():
+                    self.job.cancel()  # the generator stops at its next token and rolls the request back
+                    log.info("%s: client disconnected, request cancelled", self.id)
+            item = get.result()
+            if item is _END:
+                return
+            yield item
+
+    async def whole(self, request: Request, first: dict) -> Response:
+        text, calls, lps, final = [], None, [], {}
+        try:
+            async for c in self._chunks(request, poll=True):
+                if "delta" in c:
+                    text.append(c["delta"])
+                elif "tool_calls" in c:
+                    calls = c["tool_calls"]
+                elif "logprobs" in c:
+                    lps += c["logprobs"]
+                elif "finish_reason" in c:
+                    final = c
+        except Exception as exc:
+            log.exception("generation failed")
+            return _error(APIError(500, f"generation failed: {type(exc).__name__}: {exc}"))
+        if self.job.cancelled.is_set():
+            return Response(status_code=499)  # nobody is listening; the conversation was rolled back
+        base = {"id": self.id, "created": self.created, "model": self.model, "system_fingerprint": None}
+        if self.chat:
+            message = {"role": "assistant", "content": "".join(text) if (text or not calls) else None}
+            if calls:
+                message["tool_calls"] = calls
+            choice = {"index": 0, "message": message, "finish_reason": final.get("finish_reason", "stop")}
+            choice["logprobs"] = self.logprobs(lps)
+            body = dict(base, object="chat.completion", choices=[choice])
+        else:
+            echo = len(text[0]) if text and self.req.echo else 0
+            choice = {"index": 0, "text": "".join(text), "logprobs": self.logprobs(lps, echo)}
+            choice["finish_reason"] = final.get("finish_reason", "stop")
+            body = dict(base, object="text_completion", choices=[choice])
+        body["usage"], body["agentmem"] = final.get("usage"), final.get("agentmem")
+        return JSONResponse(body)
+
+    async def events(self, request: Request) -> AsyncIterator[bytes]:
+        req = self.req
+        kind = "chat.completion.chunk" if self.chat else "text_completion"
+        base = {"id": self.id, "object": kind, "created": self.created, "model": self.model, "system_fingerprint": None}
+
+        def event(obj: dict) -> bytes:
+            return b"data: " + json.dumps(obj).encode() + b"\n\n"
+
+        def choice(delta: dict | str, finish: str | None = None, logprobs=None) -> bytes:
+            if self.chat:
+                c = {"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish}
+            else:
+                c = {"index": 0, "text": delta, "logprobs": logprobs, "finish_reason": finish}
+            return event(dict(base, choices=[c]))
+
+        offset, pending_lp = 0, []
+        try:
+            if self.chat:
+                yield choice({"role": "assistant", "content": ""})
+            async for c in self._chunks(request, poll=False):
+                if "logprobs" in c:
+                    pending_lp += c["logprobs"]
+                elif "delta" in c:
+                    lp = self.logprobs(pending_lp, offset) if pending_lp else None
+                    pending_lp = []
+                    offset += len(c["delta"])
+                    yield choice({"content": c["delta"]} if self.chat else c["delta"], None, lp)
+                elif "tool_calls" in c:
+                    calls = [dict(call, index=i) for i, call in enumerate(c["tool_calls"])]
+                    yield choice({"tool_calls": calls})
+                elif "finish_reason" in c:
+                    end = {"delta": {}} if self.chat else {"text": ""}
+                    fc = dict(index=0, **end, logprobs=None, finish_reason=c["finish_reason"])
+                    yield event(dict(base, choices=[fc], agentmem=c["agentmem"]))
+                    if req.stream_options is not None and req.stream_options.include_usage:
+                        yield event(dict(base, choices=[], usage=c["usage"]))
+            yield b"data: [DONE]\n\n"
+        except asyncio.CancelledError:
+            self.job.cancel()
+            raise
+        except Exception as exc:
+            log.exception("generation failed")
+            yield event(APIError(500, f"generation failed: {type(exc).__name__}: {exc}").body())
+            yield b"data: [DONE]\n\n"
 
 
 class AgentMemServer(Conversations):
-    """The conversations, served over HTTP."""
+    """The conversations, served over HTTP by uvicorn (in a background thread or in the foreground)."""
 
-    httpd: ThreadingHTTPServer | None = None
+    server: uvicorn.Server | None = None
     _thread: threading.Thread | None = None
+    _socket: socket.socket | None = None
+
+    def _uvicorn(self, host: str, port: int) -> uvicorn.Server:
+        self._socket = socket.create_server((host, port), backlog=256, reuse_port=False)
+        config = uvicorn.Config(create_app(self), log_level="warning", lifespan="off", timeout_keep_alive=30)
+        self.server = uvicorn.Server(config)
+        return self.server
 
     def start(self, host: str = "127.0.0.1", port: int = 8000) -> str:
         """Listen in a background thread; returns the base URL (``port=0`` picks a free port)."""
-        self.httpd = _HTTPServer((host, port), _make_handler(self))
-        self.httpd.daemon_threads = True
-        self._thread = threading.Thread(target=self.httpd.serve_forever, name="agentmem-server", daemon=True)
+        server = self._uvicorn(host, port)
+        self._thread = threading.Thread(target=server.run, kwargs={"sockets": [self._socket]}, daemon=True)
         self._thread.start()
+        deadline = time.monotonic() + 30
+        while not server.started and self._thread.is_alive() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        if not server.started:
+            raise RuntimeError("the agentmem server did not start")
         return self.url
 
     @property
     def url(self) -> str:
-        assert self.httpd is not None
-        host, port = self.httpd.server_address[:2]
+        assert self._socket is not None
+        host, port = self._socket.getsockname()[:2]
         return f"http://{host}:{port}"
 
     def serve_forever(self, host: str = "127.0.0.1", port: int = 8000) -> None:
-        self.httpd = _HTTPServer((host, port), _make_handler(self))
-        self.httpd.daemon_threads = True
-        try:
-            self.httpd.serve_forever()
-        finally:
-            self.httpd.server_close()
+        self._uvicorn(host, port).run(sockets=[self._socket])
 
     def shutdown(self) -> None:
-        if self.httpd is not None:
-            self.httpd.shutdown()
-            self.httpd.server_close()
+        if self.server is not None:
+            self.server.should_exit = True
         if self._thread is not None:
             self._thread.join(timeout=10)
+        if self._socket is not None:
+            self._socket.close()
 
 
-def _make_handler(server: AgentMemServer):
-    class Handler(_Handler):
-        app = server
-
-    return Handler
-
-
-class _Handler(BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"
-    server_version = "agentmem"
-    app: AgentMemServer
-
-    def log_message(self, format: str, *args) -> None:  # noqa: A002 - the stdlib's signature
-        log.info("%s %s", self.address_string(), format % args)
-
-    # -------------------------------------------------------------- responses
-    def _send_json(self, status: int, body: dict, close: bool = False) -> None:
-        data = json.dumps(body).encode()
-        self.send_response(status)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        if close:
-            self.send_header("Connection", "close")
-            self.close_connection = True
-        self.end_headers()
-        self.wfile.write(data)
-
-    def _error(self, err: APIError, close: bool = False) -> None:
-        self._send_json(err.status, err.body(), close)
-
-    # -------------------------------------------------------------- GET
-    def do_GET(self) -> None:  # noqa: N802
-        path = self.path.split("?", 1)[0].rstrip("/")
-        app = self.app
-        model = {"id": app.model_id, "object": "model", "created": app.created, "owned_by": "agentmem"}
-        if path == "/health":
-            self._send_json(200, {"status": "ok", "model": app.model_id, "conversations": len(app.conversation_ids)})
-        elif path == "/v1/models":
-            self._send_json(200, {"object": "list", "data": [model]})
-        elif path.startswith("/v1/models/"):
-            if path[len("/v1/models/") :] == app.model_id:
-                self._send_json(200, model)
-            else:
-                self._error(APIError(404, f"model {path[len('/v1/models/') :]!r} does not exist", "model_not_found"))
-        elif path == "/v1/chat/completions":
-            self._error(APIError(405, "use POST for /v1/chat/completions", "method_not_allowed"))
-        else:
-            self._error(APIError(404, f"no route {path!r}", "not_found"))
-
-    # -------------------------------------------------------------- POST
-    def _body(self) -> bytes:
-        if self.headers.get("Transfer-Encoding", "").lower() == "chunked":
-            raise _Close(APIError(411, "send the body with a Content-Length (chunked bodies are not accepted)"))
-        try:
-            length = int(self.headers.get("Content-Length", "0"))
-        except ValueError:
-            raise _Close(APIError(400, "invalid Content-Length")) from None
-        if length < 0:
-            raise _Close(APIError(400, "invalid Content-Length"))
-        limit = self.app.config.max_body_bytes
-        if length > limit:
-            self._drain(length, limit)
-            raise _Close(
-                APIError(413, f"request body is {length} bytes; the limit is {limit}", "request_too_large"),
-            )
-        return self.rfile.read(length)
-
-    def _drain(self, length: int, limit: int) -> None:
-        """Read (and drop) an oversize body so the client sees the 413, unless it is far too large."""
-        if length > max(4 * limit, 64 * MiB):
-            return
-        left = length
-        while left > 0:
-            chunk = self.rfile.read(min(left, 1 << 16))
-            if not chunk:
-                break
-            left -= len(chunk)
-
-    def do_POST(self) -> None:  # noqa: N802
-        path = self.path.split("?", 1)[0].rstrip("/")
-        try:
-            body = self._body()
-        except _Close as close:
-            self._error(close.err, close=True)
-            return
-        if path != "/v1/chat/completions":
-            self._error(APIError(404, f"no route {path!r}", "not_found"))
-            return
-        try:
-            conv_header = self.headers.get("X-Conversation-Id")
-            if conv_header is not None and len(conv_header) > self.app.config.max_header_bytes:
-                limit = self.app.config.max_header_bytes
-                raise APIError(400, f"X-Conversation-Id is longer than {limit} characters", param="X-Conversation-Id")
-            req = self.app.parse(body)
-            chunks = self.app.chat(req, conv_header)
-        except APIError as err:
-            self._error(err)
-            return
-        except (ValueError, TypeError) as exc:
-            self._error(APIError(400, str(exc)))
-            return
-        except Exception as exc:
-            log.exception("chat completion failed")
-            self._error(APIError(500, f"internal error: {type(exc).__name__}: {exc}"))
-            return
-        completion_id = f"chatcmpl-{uuid.uuid4().hex[:24]}"
-        created = int(time.time())
-        try:
-            if req.stream:
-                self._stream(chunks, completion_id, created, req)
-            else:
-                self._complete(chunks, completion_id, created)
-        finally:
-            chunks.close()
-
-    def _complete(self, chunks: Reply, completion_id: str, created: int) -> None:
-        text, last = [], {}
-        try:
-            for c in chunks:
-                if "delta" in c:
-                    text.append(c["delta"])
-                    if self._client_gone():  # nobody to answer: stop generating (what was read stays)
-                        self.close_connection = True
-                        return
-                else:
-                    last = c
-        except Exception as exc:
-            log.exception("generation failed")
-            self._error(APIError(500, f"generation failed: {type(exc).__name__}: {exc}"))
-            return
-        self._send_json(
-            200,
-            {
-                "id": completion_id,
-                "object": "chat.completion",
-                "created": created,
-                "model": self.app.model_id,
-                "system_fingerprint": None,
-                "choices": [
-                    {
-                        "index": 0,
-                        "message": {"role": "assistant", "content": "".join(text)},
-                        "logprobs": None,
-                        "finish_reason": last.get("finish_reason", "stop"),
-                    }
-                ],
-                "usage": last.get("usage"),
-                "agentmem": last.get("agentmem"),
-            },
-        )
-
-    def _stream(self, chunks: Reply, completion_id: str, created: int, req: ChatCompletionRequest) -> None:
-        self.send_response(200)
-        self.send_header("Content-Type", "text/event-stream")
-        self.send_header("Cache-Control", "no-cache")
-        self.send_header("Transfer-Encoding", "chunked")
-        self.end_headers()
-        base = {"id": completion_id, "object": "chat.completion.chunk", "created": created, "model": self.app.model_id}
-        base["system_fingerprint"] = None
-
-        def choice(delta: dict, finish: str | None) -> dict:
-            return dict(base, choices=[{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}])
-
-        try:
-            self._event(choice({"role": "assistant", "content": ""}, None))
-            for c in chunks:
-                if "delta" in c:
-                    self._event(choice({"content": c["delta"]}, None))
-                    continue
-                self._event(dict(choice({}, c["finish_reason"]), agentmem=c["agentmem"]))
-                if req.stream_options is not None and req.stream_options.include_usage:
-                    self._event(dict(base, choices=[], usage=c["usage"]))
-            self._write(b"data: [DONE]\n\n")
-            self._write(b"")
-        except (BrokenPipeError, ConnectionResetError):
-            self.close_connection = True  # the client left: generation stops (the conversation keeps what it read)
-        except Exception as exc:
-            log.exception("generation failed")
-            try:
-                self._event(APIError(500, f"generation failed: {type(exc).__name__}: {exc}").body())
-                self._write(b"data: [DONE]\n\n")
-                self._write(b"")
-            except OSError:
-                pass
-            self.close_connection = True
-
-    def _client_gone(self) -> bool:
-        """Whether the client closed its connection (readable with nothing to read)."""
-        try:
-            ready, _, _ = select.select([self.connection], [], [], 0)
-            return bool(ready) and self.connection.recv(1, socket.MSG_PEEK) == b""
-        except (OSError, ValueError):
-            return True
-
-    def _event(self, obj: dict) -> None:
-        self._write(b"data: " + json.dumps(obj).encode() + b"\n\n")
-
-    def _write(self, data: bytes) -> None:
-        """One chunk of the chunked response (empty: the terminating chunk)."""
-        self.wfile.write(b"%X\r\n%s\r\n" % (len(data), data))
-        self.wfile.flush()
-
-
-class _HTTPServer(ThreadingHTTPServer):
-    """A thread per request; a listen backlog for bursts of clients (the stdlib's default is 5)."""
-
-    request_queue_size = 256
-    daemon_threads = True
-
-
-class _Close(Exception):
-    def __init__(self, err: APIError):
-        super().__init__(err.message)
-        self.err = err
-
-
-def serve(
-    model: LoadedModel | str | None = None,
-    host: str = "127.0.0.1",
-    port: int = 8000,
-    **config,
-) -> None:
+def serve(model: LoadedModel | str | None = None, host: str = "127.0.0.1", port: int = 8000, **config) -> None:
     """Load the model and serve until interrupted (``agentmem serve``)."""
     app = AgentMemServer(model, ServerConfig(**config))
-    if host not in ("127.0.0.1", "localhost", "::1"):
-        log.warning("agentmem serve: listening on %s; anyone who can reach it can use the model", host)
+    if host not in ("127.0.0.1", "localhost", "::1") and not app.config.api_key:
+        log.warning(
+            "agentmem serve: listening on %s without --api-key; anyone who can reach it can use the model", host
+        )
     print(f"agentmem: serving {app.model_id} on http://{host}:{port}/v1 (Ctrl-C to stop)", flush=True)
     app.serve_forever(host, port)

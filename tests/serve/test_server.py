@@ -88,7 +88,7 @@ def test_streaming_request(client, server, loaded):
     body = json.dumps({"model": "tiny-llama", "messages": messages, "max_tokens": 4, "stream": True}).encode()
     status, ctype, raw = _raw(server, "POST", "/v1/chat/completions", body, {"Content-Type": "application/json"})
     events = [e for e in raw.decode().split("\n\n") if e]
-    assert status == 200 and ctype == "text/event-stream"
+    assert status == 200 and ctype.startswith("text/event-stream")
     assert all(e.startswith("data: ") for e in events) and events[-1] == "data: [DONE]"
     assert json.loads(events[0][6:])["object"] == "chat.completion.chunk"
 
@@ -121,7 +121,9 @@ def test_two_conversations_at_once_are_isolated(client, server, loaded):
         model="tiny-llama", messages=follow, max_tokens=4, extra_body={"conversation_id": "conv-a"}
     )
     assert r.model_extra["agentmem"]["conversation_id"] == "conv-a"
-    assert r.usage.prompt_tokens < 20 and sessions["conv-a"].transcript().count("swordfish") == 1
+    new = r.usage.prompt_tokens - r.usage.prompt_tokens_details.cached_tokens  # usage counts the whole prompt
+    assert new < 20 and r.usage.prompt_tokens == sessions["conv-a"].stats.logical_tokens + 1 - 4
+    assert sessions["conv-a"].transcript().count("swordfish") == 1
     assert sessions["conv-a"].stats.logical_tokens > before
     assert "tulips" not in sessions["conv-a"].transcript()
 
