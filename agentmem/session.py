@@ -295,10 +295,10 @@ class Session:
         with self.transaction():
             if role is None:
                 ids = self.encode(text)
-            else:
-                ids = self.render_chat([{"role": role, "content": text}], add_generation_prompt=False)
-            if pin and ids:
-                self._pin_ids(len(ids))
+                if pin and ids:
+                    self._pin_ids(len(ids))
+            else:  # pinned while rendering: a refused pin records nothing
+                ids = self.render_chat([{"role": role, "content": text}], add_generation_prompt=False, pin=pin)
             self.read_ids(ids)
 
     def _token_ids(self, ids: Sequence[int]) -> list[int]:
@@ -368,11 +368,14 @@ class Session:
             return False
         return probe["content"] in text
 
-    def render_chat(self, messages: list[dict], add_generation_prompt: bool, hold: bool = False) -> list[int]:
+    def render_chat(
+        self, messages: list[dict], add_generation_prompt: bool, hold: bool = False, pin: bool = False
+    ) -> list[int]:
         """The token ids that extend what was read with ``messages`` through the chat template; the
         messages join the history (read the ids next, in the same :meth:`transaction`). ``hold``:
-        the ids are held exact until the next reply (:meth:`hold`); when the hold is refused
-        (BudgetError) nothing is recorded."""
+        the ids are held exact until the next reply (:meth:`hold`); ``pin``: kept exact for good.
+        When the hold or pin is refused (BudgetError) nothing is recorded, so a caller inside a
+        larger operation can go on without it."""
         check_messages(messages)
         if getattr(self.tokenizer, "chat_template", None) is None:
             raise AgentMemError(f"{self.spec.name} has no chat template; use append()/generate() with raw text")
@@ -386,6 +389,8 @@ class Session:
         ids = self.encode(delta, chat=True)
         if hold:
             self.hold(len(ids))
+        elif pin and ids:
+            self._pin_ids(len(ids))
         self.messages.extend(copy.deepcopy(messages))
         self._chat_text = full
         if any(m["role"] == "user" for m in messages):  # the caller reads ids next

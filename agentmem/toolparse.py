@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 _BLOCK = re.compile(r"<tool_call>\s*(.*?)\s*(?:</tool_call>|\Z)", re.DOTALL)
@@ -36,11 +37,14 @@ class ParsedReply:
     calls: list[ToolCall] = field(default_factory=list)
 
 
-def parse_tool_calls(text: str) -> ParsedReply:
+def parse_tool_calls(text: str, tools: Sequence[str] | None = None) -> ParsedReply:
     """The reply's text without its well-formed ``<tool_call>`` blocks, and those calls in order.
 
     An unterminated last block (generation stopped before ``</tool_call>``) counts if its JSON is
-    complete. ``arguments`` given as a JSON string are decoded.
+    complete. ``arguments`` given as a JSON string are decoded. ``tools``: the names of the tools
+    offered; then a reply with no ``<tool_call>`` block that is nothing but a call to one of them
+    as JSON (``{"name", "arguments"}``, or a list of such, optionally in a code fence -- what small
+    models often write instead of the tags) is read as those calls.
     """
     calls: list[ToolCall] = []
     kept: list[str] = []
@@ -53,7 +57,31 @@ def parse_tool_calls(text: str) -> ParsedReply:
         pos = m.end()
         calls.append(call)
     kept.append(text[pos:])
+    if not calls and tools:
+        bare = _bare_calls(text, tools)
+        if bare:
+            return ParsedReply("", bare)
     return ParsedReply("".join(kept).strip() if calls else text, calls)
+
+
+_FENCE = re.compile(r"^```[A-Za-z]*\s*(.*?)\s*```$", re.DOTALL)
+
+
+def _bare_calls(text: str, tools: Sequence[str]) -> list[ToolCall]:
+    body = text.strip()
+    fenced = _FENCE.match(body)
+    body = fenced.group(1) if fenced else body
+    if not body.startswith(("{", "[")):
+        return []
+    try:
+        obj = json.loads(body)
+    except json.JSONDecodeError:
+        return []
+    items = obj if isinstance(obj, list) else [obj]
+    calls = [_call(json.dumps(item)) if isinstance(item, dict) else None for item in items]
+    if not calls or any(c is None or c.name not in tools for c in calls):
+        return []
+    return calls
 
 
 def _call(body: str) -> ToolCall | None:
@@ -90,7 +118,8 @@ class ContentStream:
     ``<tool_call>`` on (and a trailing ``<tool_c...`` that may become one) nothing is sent until
     the reply ends; :meth:`finish` then parses the whole reply."""
 
-    def __init__(self) -> None:
+    def __init__(self, tools: Sequence[str] | None = None) -> None:
+        self.tools = tools
         self.text = ""
         self.sent = 0  # characters of ``text`` sent as content
         self.blocked = False
@@ -99,6 +128,11 @@ class ContentStream:
         """Add generated text; returns the content that can be sent now."""
         self.text += delta
         if self.blocked:
+            return ""
+        head = self.text.lstrip()
+        if self.tools and self.sent == 0 and (not head or head[0] in "{[`"):  # may be a bare JSON call
+            if head:
+                self.blocked = True
             return ""
         at = self.text.find(OPEN, max(0, self.sent - len(OPEN)))
         if at >= 0:
@@ -114,7 +148,7 @@ class ContentStream:
 
     def finish(self) -> tuple[str, list[ToolCall]]:
         """The content not sent yet, and the reply's tool calls (none: everything held back is content)."""
-        parsed = parse_tool_calls(self.text)
+        parsed = parse_tool_calls(self.text, self.tools)
         if not parsed.calls:
             rest, self.sent = self.text[self.sent :], len(self.text)
             return rest, []

@@ -57,7 +57,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from ..agent import AgentSession
-from ..errors import AgentMemError
+from ..errors import AgentMemError, BudgetError
 from ..models import LoadedModel, load_model
 from ..toolparse import ContentStream, forced_prefix, parse_tool_calls
 from ..units import MiB
@@ -281,7 +281,8 @@ class Conversations:
                 tail = new[split:]  # read together with the generation prompt
                 events = session.chat_stream(tail, max_new, req.temperature or 0.0, req.top_p or 1.0, req.stop, **opts)
                 conv.history.extend(_key(m) for m in tail)
-                content = ContentStream() if tools else None
+                names = [(x.get("function") or {}).get("name") for x in tools or []]
+                content = ContentStream(names) if tools else None
                 if content is not None:
                     content.push(opts.get("prefix", ""))
                 result = yield from self._reply(events, cancelled, content)
@@ -296,7 +297,7 @@ class Conversations:
                         items = [c.as_openai(f"call_{uuid.uuid4().hex[:24]}") for c in calls]
                         yield {"tool_calls": items}
                         finish = "tool_calls"
-                        visible = parse_tool_calls(content.text).content or None
+                        visible = parse_tool_calls(content.text, names).content or None
                         message = {"role": "assistant", "content": visible, "tool_calls": items}
                 conv.history.append(_key(message))
                 yield self._final(conv, kept, conv_id, result, finish, receipts, first_event, t_before)
@@ -361,7 +362,10 @@ class Conversations:
             elif m["role"] == "system":
                 flush()
                 n = len(session.tokenizer(m["content"], add_special_tokens=False)["input_ids"])
-                session.append(m["content"], role="system", pin=n <= session.cache.max_tokens() // 4)
+                try:  # pinned if it is short and the policy keeps room to work beside it (tools render into it)
+                    session.append(m["content"], role="system", pin=n <= session.cache.max_tokens() // 4)
+                except BudgetError:
+                    session.append(m["content"], role="system")
                 conv.history.append(_key(m))
             else:
                 group.append(m)
