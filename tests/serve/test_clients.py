@@ -105,7 +105,9 @@ def test_agents_sdk_runs_a_coding_agent(server):
     client = openai.AsyncOpenAI(base_url=server.url + "/v1", api_key="x", max_retries=0, timeout=300)
     agent = agents.Agent(
         name="coder",
-        instructions="You are a coding agent. First call run_tests. Then call final_answer with the failing test's name.",
+        instructions=(
+            "You are a coding agent. First call run_tests. Then call final_answer with the name of the failing test."
+        ),
         tools=[run_tests, read_file, final_answer],
         model=agents.OpenAIChatCompletionsModel(model=server.model_id, openai_client=client),
         model_settings=agents.ModelSettings(max_tokens=96, extra_headers={"X-Conversation-Id": "agents-sdk"}),
