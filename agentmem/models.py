@@ -162,10 +162,30 @@ def resolve_model_path(model: str | os.PathLike | None) -> tuple[str, Path]:
         return path.name, path.resolve()
     if path.exists():
         raise ModelNotFoundError(f"{model_str!r} exists but is neither a .gguf file nor a directory with config.json")
+    cached = _hf_cached(model_str)
+    if cached is not None:
+        return model_str, cached
     raise ModelNotFoundError(
-        f"no model {model_str!r}: use one of {sorted(EMBEDDED_HINTS)} (embedded), a local Hugging Face "
-        "model directory, or a .gguf file. agentmem never downloads weights from a hub."
+        f"no model {model_str!r}: use one of {sorted(EMBEDDED_HINTS)} (embedded), a model id already in the local "
+        "Hugging Face cache, a local Hugging Face model directory, or a .gguf file. agentmem never downloads "
+        "weights from a hub."
     )
+
+
+def _hf_cached(repo_id: str) -> Path | None:
+    """The snapshot of a Hugging Face model id that is already in the local cache (``HF_HUB_CACHE``,
+    else ``$HF_HOME/hub``), or None; looked up with ``local_files_only``, so never downloaded."""
+    if repo_id.count("/") != 1 or repo_id.startswith(("/", ".", "~")):
+        return None
+    from huggingface_hub import snapshot_download
+
+    home = os.environ.get("HF_HOME", str(Path.home() / ".cache" / "huggingface"))
+    cache_dir = os.environ.get("HF_HUB_CACHE", os.path.join(home, "hub"))
+    try:
+        folder = Path(snapshot_download(repo_id, cache_dir=cache_dir, local_files_only=True))
+    except Exception:  # not cached (LocalEntryNotFoundError), or not a valid id
+        return None
+    return folder if (folder / "config.json").is_file() else None
 
 
 _SHA256: dict[tuple[str, int, int], str] = {}  # (path, mtime_ns, size) -> hex digest, per process

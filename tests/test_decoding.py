@@ -100,3 +100,12 @@ def test_bad_options_are_refused_and_change_nothing(tiny_llama, bad):
         s.generate(TEXT, max_new_tokens=3, **bad)
     assert next(iter(bad)) in str(err.value) or "logit_bias" in str(err.value)
     assert len(s.transcript_ids) == 0
+
+
+def test_model_generate_with_an_agentmem_cache_says_what_to_use(tiny_llama, tokenizer):
+    _, loaded = tiny_llama
+    s = AgentSession(model=loaded, max_kv_mb=None)
+    ids = tokenizer(TEXT, return_tensors="pt").input_ids
+    with pytest.raises(RuntimeError, match=r"AgentSession\(model=model.*\.generate\(prompt"):
+        s.model.generate(ids, past_key_values=s.cache, max_new_tokens=3, do_sample=False)
+    assert s.cache.logical_length == 0 and len(s.transcript_ids) == 0

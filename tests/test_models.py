@@ -70,3 +70,18 @@ def test_forward_uses_the_cache_keyword_of_this_transformers(tiny_llama):
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # no deprecation warning from the forward
         assert s.generate("hello there", max_new_tokens=3).stats.generated_tokens == 3
+
+
+def test_a_model_id_in_the_local_hf_cache_resolves_offline(tmp_path, monkeypatch, tiny_llama, tokenizer):
+    ref, _ = tiny_llama
+    snapshot = tmp_path / "hub" / "models--acme--tiny" / "snapshots" / ("0" * 40)
+    ref.save_pretrained(snapshot)
+    tokenizer.save_pretrained(snapshot)
+    (tmp_path / "hub" / "models--acme--tiny" / "refs").mkdir()
+    (tmp_path / "hub" / "models--acme--tiny" / "refs" / "main").write_text("0" * 40)
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    s = AgentSession("acme/tiny", max_kv_mb=None)
+    assert s.spec.name == "acme/tiny" and s.generate("Hello", max_new_tokens=2).token_ids
+    with pytest.raises(ModelNotFoundError, match="local Hugging Face cache"):
+        AgentSession("acme/absent", max_kv_mb=None)

@@ -240,8 +240,10 @@ class CompactedCache(Cache):
         """
         if self._new_pos is None or self._new_pos.numel() != key_states.shape[2]:
             raise RuntimeError(
-                "CompactedCache.update called outside a session forward: call begin_forward(n) first "
-                "(AgentSession does this; pass position_ids it returns to the model)"
+                "an agentmem cache cannot be handed to model.generate() or a plain forward: a session drives it, "
+                "making room (compacting) between model calls. Use AgentSession(model=model, tokenizer=tokenizer, "
+                "max_kv_mb=...).generate(prompt, max_new_tokens=..., top_k=..., logits_processor=..., streamer=...), "
+                "or for a loop of your own session.next_logits() and session.append_tokens([token])"
             )
         if key_states.shape[0] != 1:
             raise ValueError("CompactedCache holds one sequence (batch size 1)")
