@@ -239,17 +239,11 @@ class Conversations:
         return max_new
 
     def _options(self, req, logprobs: int | None) -> dict:
-        opts: dict[str, Any] = {}
+        """The session's generation options for a request (unset fields are left out)."""
+        names = ("top_k", "presence_penalty", "frequency_penalty", "logit_bias")
+        opts: dict[str, Any] = {name: getattr(req, name) for name in names if getattr(req, name)}
         if req.seed is not None:
             opts["seed"] = req.seed
-        if req.top_k:
-            opts["top_k"] = req.top_k
-        if req.presence_penalty:
-            opts["presence_penalty"] = req.presence_penalty
-        if req.frequency_penalty:
-            opts["frequency_penalty"] = req.frequency_penalty
-        if req.logit_bias:
-            opts["logit_bias"] = req.logit_bias
         if logprobs is not None:
             opts["logprobs"] = logprobs
         return opts

@@ -111,5 +111,5 @@ def test_update_outside_session_is_an_error(tiny_llama, tokenizer):
     _, loaded = tiny_llama
     s = AgentSession(model=loaded, max_kv_mb=None)
     k = torch.zeros(1, loaded.spec.num_kv_heads, 1, loaded.spec.head_dim)
-    with pytest.raises(RuntimeError, match="begin_forward"):
+    with pytest.raises(RuntimeError, match="a session drives it"):
         s.cache.update(k, k, 0)
