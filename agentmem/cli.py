@@ -153,6 +153,7 @@ def cmd_serve(args) -> int:
         seed=args.seed,
         api_key=args.api_key or os.environ.get("AGENTMEM_API_KEY") or None,
         cors_origins=args.cors_origin or [],
+        auto_recall=args.auto_recall,
     )
     return 0
 
@@ -201,6 +202,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--max-new-tokens", type=int, default=512, help="when a request gives no max_tokens")
     serve.add_argument("--api-key", default=None, help="clients must send it as a bearer token (or AGENTMEM_API_KEY)")
     serve.add_argument("--cors-origin", action="append", help="allow browser requests from this origin ('*': any)")
+    serve.add_argument(
+        "--auto-recall", action="store_true", help="read back compacted tool-output lines matching each user turn"
+    )
     serve.set_defaults(func=cmd_serve)
 
     calibrate = sub.add_parser("calibrate", help="measure per-head sensitivity curves and write a head profile")

@@ -102,6 +102,7 @@ def test_bad_options_are_refused_and_change_nothing(tiny_llama, bad):
     assert len(s.transcript_ids) == 0
 
 
+@pytest.mark.filterwarnings("ignore::FutureWarning")  # past_key_values: what users of transformers pass today
 def test_model_generate_with_an_agentmem_cache_says_what_to_use(tiny_llama, tokenizer):
     _, loaded = tiny_llama
     s = AgentSession(model=loaded, max_kv_mb=None)

@@ -83,6 +83,9 @@ class ServerConfig(BaseModel):
     api_key: str | None = Field(default=None, description="clients must send 'Authorization: Bearer <api_key>'")
     cors_origins: list[str] = Field(default_factory=list, description="origins allowed by CORS ('*': any)")
     seed: int = Field(default=0, description="seed of each new conversation's sampler (a request's seed overrides)")
+    auto_recall: bool = Field(
+        default=False, description="before a user turn, read back the compacted tool-output lines that match it"
+    )
 
 
 class Cancelled(Exception):
@@ -165,7 +168,10 @@ class Conversations:
 
     # -------------------------------------------------------------- sessions
     def _new_session(self, max_kv_mb: float) -> AgentSession:
-        return AgentSession(self.loaded, max_kv_mb=max_kv_mb, policy=self.config.policy, seed=self.config.seed)
+        cfg = self.config
+        return AgentSession(
+            self.loaded, max_kv_mb=max_kv_mb, policy=cfg.policy, seed=cfg.seed, auto_recall=cfg.auto_recall
+        )
 
     def conversation(self, conv_id: str | None, max_kv_mb: float | None) -> tuple[Conversation, bool]:
         """(conversation, whether it is kept after the request)."""

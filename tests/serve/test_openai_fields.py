@@ -161,3 +161,30 @@ def test_a_cancelled_stream_leaves_the_conversation_as_before(server, client, lo
     ref = AgentSession(loaded, max_kv_mb=0.25)
     ref.chat(USER, max_new_tokens=6)
     assert r.choices[0].message.content == ref.chat([{"role": "user", "content": "And then?"}], max_new_tokens=6).text
+
+
+def test_auto_recall_reads_back_what_a_user_turn_asks_about(loaded):
+    app = AgentMemServer(loaded, max_kv_mb=0.25, max_new_tokens=4, auto_recall=True)
+    app.start(port=0)
+    try:
+        client = openai.OpenAI(base_url=app.url + "/v1", api_key="x", max_retries=0, timeout=60)
+        log = "\n".join(f"step {i}: ok ({i * 37 % 101} ms)" for i in range(60)) + "\nROLLBACK_ID=RB-58213\n"
+        call = {"id": "c1", "type": "function", "function": {"name": "deploy", "arguments": "{}"}}
+        messages = [
+            {"role": "user", "content": "Deploy."},
+            {"role": "assistant", "content": None, "tool_calls": [call]},
+            {"role": "tool", "tool_call_id": "c1", "content": log},
+        ]
+        conv = {"X-Conversation-Id": "recall"}
+        first = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=4, extra_headers=conv)
+        messages += [
+            {"role": "assistant", "content": first.choices[0].message.content},
+            {"role": "user", "content": "What is the ROLLBACK_ID?"},
+        ]
+        client.chat.completions.create(model=MODEL, messages=messages, max_tokens=4, extra_headers=conv)
+        session = app.session("recall")
+        recalled = [m for m in session.messages if m["role"] == "tool" and "RB-58213" in m["content"]]
+        assert len(recalled) == 2 and session.messages[-3]["role"] == "tool"  # the output, then the recall
+        assert session.stats.peak_kv_bytes <= session.stats.max_kv_bytes
+    finally:
+        app.shutdown()
