@@ -10,6 +10,7 @@ from .errors import (
     CompactionError,
     ModelMismatchError,
     ModelNotFoundError,
+    PinRefused,
     SessionFileError,
     UnknownPolicyError,
 )
@@ -29,6 +30,7 @@ __all__ = [
     "GenerationResult",
     "ModelMismatchError",
     "ModelNotFoundError",
+    "PinRefused",
     "PositionConfig",
     "RECALL_TOOL",
     "RecallResult",

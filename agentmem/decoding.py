@@ -186,6 +186,7 @@ class Decoding:
         self.steps = 0  # tokens sampled so far
         self.t0 = self.t1 = time.perf_counter()
         self.prefill_seconds = 0.0
+        self.closed = False
 
     @property
     def batchable(self) -> bool:
@@ -195,6 +196,8 @@ class Decoding:
     def prefill(self) -> torch.Tensor | None:
         """Read the prompt; with tokens to generate, return the logits of what comes next."""
         e = self.engine
+        if self.options.streamer is not None:  # transformers' streamers take the prompt first (skip_prompt)
+            self.options.streamer.put(torch.tensor([self.ids], dtype=torch.long))
         logits = None
         if self.max_new_tokens > 0:  # read the prompt and predict in one pass
             logits = e.predict(self.ids, e.compactions)
@@ -303,9 +306,14 @@ class Decoding:
             ),
         )
 
-    def done(self) -> StreamEvent:
-        if self.options.streamer is not None:
+    def close(self) -> None:
+        """The generation is over (done, failed or abandoned): a streamer is told, once."""
+        if self.options.streamer is not None and not self.closed:
             self.options.streamer.end()
+        self.closed = True
+
+    def done(self) -> StreamEvent:
+        self.close()
         result = self.result()
         return StreamEvent(
             kind="done",

@@ -15,6 +15,10 @@ class BudgetError(AgentMemError, ValueError):
     """The KV budget cannot hold what the operation needs (even after compaction)."""
 
 
+class PinRefused(BudgetError):
+    """A pin or hold was refused before anything was read or recorded: the caller may go on without it."""
+
+
 class UnknownPolicyError(AgentMemError, ValueError):
     """A policy name, preset file or config that agentmem does not know."""
 

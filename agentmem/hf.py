@@ -39,6 +39,7 @@ def generation(session: Session) -> Iterator[dict]:
     keyword = session.loaded.cache_keyword
     begun: list = []  # (n new tokens, their ids, lengths before) of the forward in flight
     busy = [False]  # making room: the policy's own model calls (scratch passes) are not generate's
+    ran = [False]  # whether a forward ran over the cache in the block
 
     def before(module, args, kwargs):
         if busy[0] or "agentmem_cache" in kwargs:
@@ -49,6 +50,12 @@ def generation(session: Session) -> Iterator[dict]:
         if ids is None or ids.dim() != 2 or ids.shape[0] != 1:
             raise ValueError("agentmem generation takes input_ids of batch size 1 (no beams, no embeddings)")
         n = ids.shape[1]
+        position = kwargs.get("cache_position")
+        if position is not None and position.numel() and int(position[0]) != len(engine.transcript_ids):
+            raise ValueError(
+                f"input_ids must begin with the session's transcript ({len(engine.transcript_ids)} tokens); "
+                f"transformers fed tokens from position {int(position[0])}"
+            )
         if n > cache.max_tokens() // 2 and cache.max_bytes is not None:
             raise BudgetError(
                 f"{n} new tokens in one forward are more than half of what max_kv_mb holds ({cache.max_tokens()} "
@@ -69,14 +76,16 @@ def generation(session: Session) -> Iterator[dict]:
         if not begun or kwargs.get("agentmem_cache") is not cache or busy[0]:
             return None
         n, ids, _ = begun.pop()
+        ran[0] = True
         cache.commit_forward(n)
         engine.transcript_ids.extend(ids)
         engine.started = True
         return None
 
     with session.transaction():
-        if engine.pending:  # the last token read is not in the cache: transformers feeds it again (input_ids)
-            del engine.transcript_ids[len(engine.transcript_ids) - len(engine.pending) :]
+        pending = list(engine.pending)
+        if pending:  # the last token read is not in the cache: transformers feeds it again (input_ids)
+            del engine.transcript_ids[len(engine.transcript_ids) - len(pending) :]
             engine.pending = []
         hooks = [
             session.model.register_forward_pre_hook(before, with_kwargs=True),
@@ -88,6 +97,10 @@ def generation(session: Session) -> Iterator[dict]:
             while begun:  # a forward that failed half way: its appends go (the transaction does the rest)
                 cache.rollback(begun.pop()[2])
             raise
+        else:
+            if not ran[0] and pending:  # nothing ran over the cache: the pending token stays pending
+                engine.transcript_ids.extend(pending)
+                engine.pending = pending
         finally:
             for hook in hooks:
                 hook.remove()

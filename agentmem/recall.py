@@ -20,7 +20,7 @@ import math
 import re
 from dataclasses import dataclass, field
 
-from .errors import BudgetError
+from .errors import PinRefused
 from .events import Archived
 from .session import Session
 from .text import check_text
@@ -145,7 +145,7 @@ def recall(session: Session, query: str, max_lines: int = 6, context: int = 1) -
         try:
             receipt = tool_result(session, "recall", text, ratio=1.0, archive=False, hold=True)
             return RecallResult(query=query, hits=hits, text=text, receipt=receipt)
-        except BudgetError:
+        except PinRefused:  # the hold was refused before anything was read: try fewer lines
             if max_lines == 1 and context == 0:
                 break
             max_lines, context = max(1, max_lines // 2), context if max_lines > 1 else 0  # fewer lines fit

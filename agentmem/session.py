@@ -25,7 +25,7 @@ import torch
 from ._version import __version__
 from .decoding import Decoding, Options, Sampler, check_generation_args, collect, is_number
 from .engine import Engine
-from .errors import AgentMemError, BudgetError
+from .errors import AgentMemError, BudgetError, PinRefused
 from .events import Archived, CompactionEvent, GenerationResult, ScoreResult, SessionStats, StreamEvent
 from .identity import model_identity
 from .kv.cache import CompactedCache
@@ -213,6 +213,11 @@ class Session:
         transactions belong to the outermost."""
         with self.lock:
             if self._depth:
+                if undo:  # no savepoints: what an inner undo would put back is the outer operation's
+                    raise AgentMemError(
+                        "score() cannot run inside another operation (an open stream or transaction): "
+                        "finish or close it first, or score on session.fork()"
+                    )
                 yield
                 return
             marks = (
@@ -223,6 +228,7 @@ class Session:
                 self.sampler.generator.get_state(),
                 len(self.archive),
                 list(self._held),
+                self.tools,
             )
             self.cache.begin()
             self._depth += 1
@@ -239,7 +245,7 @@ class Session:
                     self.cache.commit()
                 else:
                     self.cache.abort()
-                    engine, n_msgs, self._chat_text, self.latest_turn, rng, n_archive, self._held = marks
+                    engine, n_msgs, self._chat_text, self.latest_turn, rng, n_archive, self._held, self.tools = marks
                     self.engine.restore(engine)
                     del self.messages[n_msgs:]
                     self.sampler.generator.set_state(rng)
@@ -253,7 +259,7 @@ class Session:
         """Pin the next n tokens read; refuses pins that would leave the policy no room to work."""
         cap = self.cache.max_tokens()
         if not self.policy.has_room(cap, self._pinned_tokens() + n, self.engine.chunk_tokens):
-            raise BudgetError(
+            raise PinRefused(
                 f"pinning {n} more tokens would leave policy {self.policy.name!r} no room to work: the budget "
                 f"holds {cap} tokens, {self._pinned_tokens()} are already pinned; pin less or raise max_kv_mb"
             )
@@ -338,6 +344,7 @@ class Session:
             other._held = list(self._held)
             other.sampler = self.sampler.fork()
             other.lock = threading.RLock()
+            other._depth = 0  # a fork taken inside an operation is not inside it
             return other
 
     # ------------------------------------------------------------------ chat rendering
@@ -474,6 +481,7 @@ class Session:
                 ended = True
                 yield d.done()
             finally:  # the caller stopped reading: a reply cut short is still the reply
+                d.close()
                 if not ended:
                     self.end_reply(d, turn, chat is not None)
 

@@ -56,7 +56,7 @@ def test_hf_logits_processor_streamer_and_top_k(tiny_llama, tokenizer, capsys):
 
     s = AgentSession(model=loaded, max_kv_mb=None)
     n0 = len(tokenizer(TEXT)["input_ids"])
-    streamer = TextStreamer(tokenizer)
+    streamer = TextStreamer(tokenizer, skip_prompt=True)
     r = s.generate(
         TEXT,
         max_new_tokens=5,

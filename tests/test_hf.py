@@ -72,3 +72,13 @@ def test_a_prompt_larger_than_the_budget_is_refused_with_what_to_do(tiny_llama, 
     with pytest.raises(Exception, match="session.append"), generation(s) as kwargs:
         s.model.generate(ids, max_new_tokens=3, do_sample=False, pad_token_id=0, **kwargs)
     assert s.cache.logical_length == 0 and not s.transcript_ids
+
+
+def test_a_block_with_no_generate_leaves_the_pending_token(tiny_llama):
+    _, loaded = tiny_llama
+    s = AgentSession(model=loaded, max_kv_mb=None)
+    s.append(TEXT)
+    before = (list(s.transcript_ids), list(s.engine.pending))
+    with generation(s):
+        pass
+    assert (list(s.transcript_ids), list(s.engine.pending)) == before

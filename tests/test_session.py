@@ -195,3 +195,25 @@ def test_presets_and_custom_sampling_hook(tiny_llama, tokenizer):
     assert picked == greedy
     with pytest.raises(ValueError, match="token ids"):
         s.append_tokens([10**9])
+
+
+def test_score_inside_an_open_stream_is_refused_and_a_fork_there_is_free(tiny_llama):
+    from agentmem import AgentMemError
+
+    _, loaded = tiny_llama
+    s = AgentSession(model=loaded, max_kv_mb=None)
+    s.append(TEXT)
+    events = s.stream(None, max_new_tokens=20)
+    next(events)
+    before = list(s.transcript_ids)
+    with pytest.raises(AgentMemError, match="score"):
+        s.score("and then")
+    assert list(s.transcript_ids) == before
+    f = s.fork()  # taken inside the stream's operation, but not part of it
+    n = len(f.transcript_ids)
+    with pytest.raises(RuntimeError), f.transaction():
+        f.append(" more text")
+        raise RuntimeError("undo")
+    assert len(f.transcript_ids) == n
+    events.close()
+    assert s.score("and then").tokens > 0

@@ -57,9 +57,9 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from ..agent import AgentSession
-from ..errors import AgentMemError, BudgetError
+from ..errors import AgentMemError, PinRefused
 from ..models import LoadedModel, load_model
-from ..toolparse import ContentStream, forced_prefix, parse_tool_calls
+from ..toolparse import ContentStream, forced_prefix
 from ..units import MiB
 from .openai import APIError, ChatCompletionRequest, ChatMessage, CompletionRequest
 
@@ -124,14 +124,14 @@ def _arguments(raw: Any) -> Any:
     return raw
 
 
-def _key(m: dict) -> tuple:
+def message_key(m: dict) -> tuple:
     """What identifies a message when a client sends the history back: role, content (None and ""
     alike), tool calls by name and parsed arguments (ids and JSON spacing may differ), tool_call_id."""
     calls = None
     if m.get("tool_calls"):
         fns = [(c.get("function") or {}) for c in m["tool_calls"] if isinstance(c, dict)]
         calls = json.dumps([[f.get("name"), _arguments(f.get("arguments"))] for f in fns], sort_keys=True)
-    return (m["role"], m.get("content") or "", calls, m.get("tool_call_id"))
+    return (m["role"], (m.get("content") or "").strip(), calls, m.get("tool_call_id"))
 
 
 @dataclass
@@ -144,7 +144,7 @@ class Conversation:
 
 def new_messages(history: list[tuple], messages: list[dict]) -> list[dict]:
     """The messages a conversation has not read yet (see the module docstring for the rule)."""
-    keys = [_key(m) for m in messages]
+    keys = [message_key(m) for m in messages]
     if history and keys[: len(history)] == history:
         return messages[len(history) :]
     return messages
@@ -275,12 +275,14 @@ class Conversations:
             stack.enter_context(session.transaction())
             try:
                 new = new_messages(conv.history, messages)
+                if new is messages:  # not a continuation of what the conversation holds: keys start again
+                    del conv.history[:]
                 session.tools = tools
                 split = len(new) - 1 if new and new[-1]["role"] in ("user", "assistant") else len(new)
                 receipts = self._feed(conv, new[:split], req)
                 tail = new[split:]  # read together with the generation prompt
                 events = session.chat_stream(tail, max_new, req.temperature or 0.0, req.top_p or 1.0, req.stop, **opts)
-                conv.history.extend(_key(m) for m in tail)
+                conv.history.extend(message_key(m) for m in tail)
                 names = [(x.get("function") or {}).get("name") for x in tools or []]
                 content = ContentStream(names) if tools else None
                 if content is not None:
@@ -289,17 +291,18 @@ class Conversations:
                 finish = "length" if result["finish"] == "length" else "stop"
                 message = {"role": "assistant", "content": result["text"]}
                 if content is not None:
+                    shown = content.text[: content.sent]
                     rest, calls = content.finish()
                     if rest:
                         yield {"delta": rest}
+                    message["content"] = shown + rest  # the history holds what the client was sent
                     if calls:
                         calls = calls[:1] if req.parallel_tool_calls is False else calls
                         items = [c.as_openai(f"call_{uuid.uuid4().hex[:24]}") for c in calls]
                         yield {"tool_calls": items}
                         finish = "tool_calls"
-                        visible = parse_tool_calls(content.text, names).content or None
-                        message = {"role": "assistant", "content": visible, "tool_calls": items}
-                conv.history.append(_key(message))
+                        message = {"role": "assistant", "content": (shown + rest) or None, "tool_calls": items}
+                conv.history.append(message_key(message))
                 yield self._final(conv, kept, conv_id, result, finish, receipts, first_event, t_before)
             except AgentMemError as exc:
                 del conv.history[n_history:]
@@ -348,7 +351,7 @@ class Conversations:
         def flush():
             if group:
                 session.read_messages(list(group))
-                conv.history.extend(_key(m) for m in group)
+                conv.history.extend(message_key(m) for m in group)
                 group.clear()
 
         for m in messages:
@@ -358,15 +361,15 @@ class Conversations:
                 receipts.append(
                     session.tool_result(name, m["content"], ratio=req.tool_ratio, tool_call_id=m.get("tool_call_id"))
                 )
-                conv.history.append(_key(m))
+                conv.history.append(message_key(m))
             elif m["role"] == "system":
                 flush()
                 n = len(session.tokenizer(m["content"], add_special_tokens=False)["input_ids"])
                 try:  # pinned if it is short and the policy keeps room to work beside it (tools render into it)
                     session.append(m["content"], role="system", pin=n <= session.cache.max_tokens() // 4)
-                except BudgetError:
+                except PinRefused:
                     session.append(m["content"], role="system")
-                conv.history.append(_key(m))
+                conv.history.append(message_key(m))
             else:
                 group.append(m)
         flush()

@@ -79,31 +79,46 @@ def _error(err: APIError) -> JSONResponse:
     return JSONResponse(err.body(), status_code=err.status, headers=headers)
 
 
+class Gatekeeper:
+    """ASGI middleware: the API key (every route but ``/health``), OPTIONS without CORS, request logs.
+    Plain ASGI rather than ``@app.middleware``, which would hide client disconnects from the routes."""
+
+    def __init__(self, app, api_key: str | None, cors: bool):
+        self.app, self.api_key, self.cors = app, api_key, cors
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        method, path = scope["method"], scope["path"]
+        if self.api_key and method != "OPTIONS" and path.rstrip("/") != "/health":
+            auth = dict(scope["headers"]).get(b"authorization", b"").decode("latin-1")
+            if auth != f"Bearer {self.api_key}":
+                message = "missing or wrong API key: send 'Authorization: Bearer <key>'"
+                return await _error(APIError(401, message, "invalid_api_key"))(scope, receive, send)
+        if method == "OPTIONS" and not self.cors:
+            return await Response(status_code=204, headers={"Allow": "GET, HEAD, POST, OPTIONS"})(scope, receive, send)
+        t0, status = time.perf_counter(), [0]
+
+        async def sending(message):
+            if message["type"] == "http.response.start":
+                status[0] = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, sending)
+        finally:
+            log.info("%s %s %s %.0f ms", method, path, status[0], (time.perf_counter() - t0) * 1e3)
+
+
 def create_app(conversations: Conversations) -> FastAPI:
     """The FastAPI application serving ``conversations``."""
     cfg = conversations.config
     app = FastAPI(title="agentmem", docs_url=None, redoc_url=None, openapi_url=None)
-    if cfg.cors_origins:
+    app.add_middleware(Gatekeeper, api_key=cfg.api_key, cors=bool(cfg.cors_origins))
+    if cfg.cors_origins:  # outermost: preflights are answered before the key is asked for
         app.add_middleware(
             CORSMiddleware, allow_origins=cfg.cors_origins, allow_methods=["*"], allow_headers=["*"], max_age=600
         )
-
-    @app.middleware("http")
-    async def gatekeeper(request: Request, call_next):
-        t0 = time.perf_counter()
-        if cfg.api_key and request.method != "OPTIONS" and request.url.path.rstrip("/") != "/health":
-            auth = request.headers.get("authorization", "")
-            if auth != f"Bearer {cfg.api_key}":
-                return _error(
-                    APIError(401, "missing or wrong API key: send 'Authorization: Bearer <key>'", "invalid_api_key")
-                )
-        if request.method == "OPTIONS" and not cfg.cors_origins:
-            return Response(status_code=204, headers={"Allow": "GET, HEAD, POST, OPTIONS"})
-        response = await call_next(request)
-        log.info(
-            "%s %s %s %.0f ms", request.method, request.url.path, response.status_code, (time.perf_counter() - t0) * 1e3
-        )
-        return response
 
     @app.exception_handler(APIError)
     async def api_error(request: Request, err: APIError):
@@ -212,25 +227,29 @@ class _Reply:
             return chat_logprobs(entries, self.decode) if self.req.logprobs else None
         return completion_logprobs(entries, self.decode, offset) if self.req.logprobs is not None else None
 
-    async def _chunks(self, request: Request, poll: bool) -> AsyncIterator[dict]:
-        """The job's chunks until the end. ``poll``: watch the connection meanwhile and cancel the
-        job if the client goes away (a streamed response learns it from its own send instead)."""
+    async def _chunks(self) -> AsyncIterator[dict]:
+        """The job's chunks until the end."""
         while True:
-            get = asyncio.ensure_future(self.job.next())
-            while not get.done():
-                done, _ = await asyncio.wait({get}, timeout=0.25)
-                if poll and not done and not self.job.cancelled.is_set() and await request.is_disconnected():
-                    self.job.cancel()  # the generator stops at its next token and rolls the request back
-                    log.info("%s: client disconnected, request cancelled", self.id)
-            item = get.result()
+            item = await self.job.next()
             if item is _END:
                 return
             yield item
 
+    async def _watch(self, request: Request) -> None:
+        """Cancel the job when the client goes away (a non-streamed reply has nothing to send until
+        the end, so the connection is checked on a timer)."""
+        while not self.job.cancelled.is_set():
+            if await request.is_disconnected():
+                self.job.cancel()  # the generator stops at its next token and rolls the request back
+                log.info("%s: client disconnected, request cancelled", self.id)
+                return
+            await asyncio.sleep(0.1)
+
     async def whole(self, request: Request, first: dict) -> Response:
         text, calls, lps, final = [], None, [], {}
+        watcher = asyncio.ensure_future(self._watch(request))
         try:
-            async for c in self._chunks(request, poll=True):
+            async for c in self._chunks():
                 if "delta" in c:
                     text.append(c["delta"])
                 elif "tool_calls" in c:
@@ -240,8 +259,12 @@ class _Reply:
                 elif "finish_reason" in c:
                     final = c
         except Exception as exc:
+            if self.job.cancelled.is_set():
+                return Response(status_code=499)  # nobody is listening; the conversation was rolled back
             log.exception("generation failed")
             return _error(APIError(500, f"generation failed: {type(exc).__name__}: {exc}"))
+        finally:
+            watcher.cancel()
         if self.job.cancelled.is_set():
             return Response(status_code=499)  # nobody is listening; the conversation was rolled back
         base = {"id": self.id, "created": self.created, "model": self.model, "system_fingerprint": None}
@@ -275,11 +298,11 @@ class _Reply:
                 c = {"index": 0, "text": delta, "logprobs": logprobs, "finish_reason": finish}
             return event(dict(base, choices=[c]))
 
-        offset, pending_lp = 0, []
+        offset, pending_lp, finished = 0, [], False
         try:
             if self.chat:
                 yield choice({"role": "assistant", "content": ""})
-            async for c in self._chunks(request, poll=False):
+            async for c in self._chunks():
                 if "logprobs" in c:
                     pending_lp += c["logprobs"]
                 elif "delta" in c:
@@ -297,13 +320,15 @@ class _Reply:
                     if req.stream_options is not None and req.stream_options.include_usage:
                         yield event(dict(base, choices=[], usage=c["usage"]))
             yield b"data: [DONE]\n\n"
-        except asyncio.CancelledError:
-            self.job.cancel()
-            raise
+            finished = True
         except Exception as exc:
             log.exception("generation failed")
             yield event(APIError(500, f"generation failed: {type(exc).__name__}: {exc}").body())
             yield b"data: [DONE]\n\n"
+            finished = True
+        finally:  # the client went away (cancelled, or the generator closed): stop and roll back
+            if not finished:
+                self.job.cancel()
 
 
 class AgentMemServer(Conversations):

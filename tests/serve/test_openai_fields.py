@@ -188,3 +188,26 @@ def test_auto_recall_reads_back_what_a_user_turn_asks_about(loaded):
         assert session.stats.peak_kv_bytes <= session.stats.max_kv_bytes
     finally:
         app.shutdown()
+
+
+def test_a_client_that_hangs_up_on_a_whole_reply_cancels_it(server, client):
+    conv = {"X-Conversation-Id": "hang-up"}
+    client.chat.completions.create(model=MODEL, messages=USER, max_tokens=4, extra_headers=conv)
+    session = server.session("hang-up")
+    before = (session.stats.logical_tokens, len(session.messages))
+    url = urlparse(server.url)
+    sock = socket.create_connection((url.hostname, url.port))
+    follow = USER + [{"role": "user", "content": "Go on, at length."}]
+    body = json.dumps({"model": MODEL, "messages": follow, "max_tokens": 4000}).encode()
+    fields = {"Host": "x", "Content-Type": "application/json", "Authorization": "Bearer sk-test"}
+    fields.update({"X-Conversation-Id": "hang-up", "Content-Length": str(len(body))})
+    head = "POST /v1/chat/completions HTTP/1.1\r\n" + "".join(f"{k}: {v}\r\n" for k, v in fields.items()) + "\r\n"
+    sock.sendall(head.encode() + body)
+    deadline = time.monotonic() + 30
+    while session.stats.logical_tokens == before[0] and time.monotonic() < deadline:  # generation under way
+        time.sleep(0.01)
+    sock.close()
+    deadline = time.monotonic() + 60
+    while (session.stats.logical_tokens, len(session.messages)) != before and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert (session.stats.logical_tokens, len(session.messages)) == before

@@ -273,3 +273,24 @@ def test_requests_stop_at_the_time_limit(loaded):
         assert body["usage"]["completion_tokens"] < 400
     finally:
         app.shutdown()
+
+
+def test_history_keys_ignore_what_clients_change_when_they_echo_a_reply():
+    from agentmem.serve import message_key
+
+    sent = {
+        "role": "assistant",
+        "content": "Let me check.\n",
+        "tool_calls": [
+            {"id": "call_1", "type": "function", "function": {"name": "f", "arguments": '{"a": 1, "b": 2}'}}
+        ],
+    }
+    echoed = {
+        "role": "assistant",
+        "content": "Let me check.",
+        "tool_calls": [{"id": "call_9", "type": "function", "function": {"name": "f", "arguments": '{"b":2,"a":1}'}}],
+    }
+    assert message_key(sent) == message_key(echoed)
+    assert message_key({"role": "assistant", "content": None}) == message_key({"role": "assistant", "content": ""})
+    msgs = [{"role": "user", "content": "a"}, echoed, {"role": "tool", "tool_call_id": "call_9", "content": "x"}]
+    assert new_messages([message_key(msgs[0]), message_key(sent)], msgs) == msgs[2:]
