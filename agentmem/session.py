@@ -107,6 +107,7 @@ class Session:
         self.sampler = Sampler(seed)
         self.lock = threading.RLock()  # held by every operation; hold it to make several one
         self._chat_text = ""  # the chat-rendered text actually read, to extend turn by turn
+        self._reply_at: int | None = None  # where the last reply starts in _chat_text
         self._depth = 0  # open all-or-nothing operations (transaction)
         self._held: list[tuple[int, int]] = []  # pins that last until the next reply (hold())
 
@@ -229,6 +230,7 @@ class Session:
                 len(self.archive),
                 list(self._held),
                 self.tools,
+                self._reply_at,
             )
             self.cache.begin()
             self._depth += 1
@@ -245,7 +247,17 @@ class Session:
                     self.cache.commit()
                 else:
                     self.cache.abort()
-                    engine, n_msgs, self._chat_text, self.latest_turn, rng, n_archive, self._held, self.tools = marks
+                    (
+                        engine,
+                        n_msgs,
+                        self._chat_text,
+                        self.latest_turn,
+                        rng,
+                        n_archive,
+                        self._held,
+                        self.tools,
+                        self._reply_at,
+                    ) = marks
                     self.engine.restore(engine)
                     del self.messages[n_msgs:]
                     self.sampler.generator.set_state(rng)
@@ -389,6 +401,13 @@ class Session:
         full = self._render(self.messages + messages, add_generation_prompt)
         if self._chat_text and full.startswith(self._chat_text):
             delta = full[len(self._chat_text) :]
+        elif self._reply_at is not None and full.startswith(self._chat_text[: self._reply_at]):
+            # the last reply was read further than its message says (a stop string cut it): go on from
+            # where the template's rendering of the history departs from what was read
+            same = self._reply_at
+            while same < min(len(full), len(self._chat_text)) and full[same] == self._chat_text[same]:
+                same += 1
+            delta = full[same:]
         else:  # first turn, or raw text was read in between: render the new messages alone
             delta = self._render(messages, add_generation_prompt)
             if self.messages:
@@ -436,6 +455,7 @@ class Session:
         :meth:`hold` kept for it."""
         d = decoding
         if chat and (d.generated or d.finished):
+            self._reply_at = len(self._chat_text)
             self.messages.append({"role": "assistant", "content": d.text})
             self._chat_text += self.tokenizer.decode(d.prefix_ids + d.generated, skip_special_tokens=False)
         self._unpin(turn)

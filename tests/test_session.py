@@ -217,3 +217,18 @@ def test_score_inside_an_open_stream_is_refused_and_a_fork_there_is_free(tiny_ll
     assert len(f.transcript_ids) == n
     events.close()
     assert s.score("and then").tokens > 0
+
+
+def test_a_reply_cut_by_a_stop_string_is_still_continued_by_the_next_turn(tiny_llama):
+    _, loaded = tiny_llama
+    s = AgentSession(model=loaded, max_kv_mb=None)
+    first = s.chat("Say hello.", max_new_tokens=30)
+    cut = first.text[len(first.text) // 2 :].strip()[:3]
+    assert cut  # a piece of the reply to stop at
+    s2 = AgentSession(model=loaded, max_kv_mb=None)
+    r = s2.chat("Say hello.", max_new_tokens=30, stop=cut)
+    assert r.finish_reason == "stop" and s2.messages[-1]["content"] == r.text
+    s2.chat("And again?", max_new_tokens=3)
+    # the second turn continues the conversation (one system line), not a fresh rendering of the turn alone
+    assert s2.chat_text.count("<|im_start|>system") == 1 and s2.chat_text.count("<|im_start|>user") == 2
+    assert s2.transcript().count("<|im_start|>system") == 1
