@@ -50,7 +50,7 @@ import time
 import uuid
 from collections import OrderedDict
 from collections.abc import Iterator
-from contextlib import ExitStack
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -140,6 +140,7 @@ class Conversation:
     max_kv_mb: float
     lock: threading.Lock = field(default_factory=threading.Lock)
     history: list[tuple] = field(default_factory=list)  # keys of the messages read or generated, in order
+    active: int = 0  # requests holding it (looked up, not yet done): never evicted meanwhile
 
 
 def new_messages(history: list[tuple], messages: list[dict]) -> list[dict]:
@@ -190,15 +191,27 @@ class Conversations:
                         f"conversation {conv_id!r} has max_kv_mb={conv.max_kv_mb:g}; it cannot change",
                         param="max_kv_mb",
                     )
+                conv.active += 1
                 return conv, True
-            conv = Conversation(self._new_session(budget), budget)
+            conv = Conversation(self._new_session(budget), budget, active=1)
             self._conversations[conv_id] = conv
             while len(self._conversations) > self.config.max_sessions:
-                idle = next((k for k, c in self._conversations.items() if not c.lock.locked() and k != conv_id), None)
+                idle = next((k for k, c in self._conversations.items() if not c.active and not c.lock.locked()), None)
                 if idle is None:
                     break
                 del self._conversations[idle]
             return conv, True
+
+    @contextmanager
+    def _use(self, conv: Conversation) -> Iterator[None]:
+        """Hold a conversation for one request (one at a time); it is released, and may be evicted
+        again, when the request is done."""
+        try:
+            with conv.lock:
+                yield
+        finally:
+            with self._lock:
+                conv.active = max(0, conv.active - 1)
 
     def session(self, conv_id: str) -> AgentSession:
         """The session of a kept conversation (KeyError if there is none)."""
@@ -269,7 +282,7 @@ class Conversations:
         if tools and (req.tool_choice == "required" or req.forced_tool):
             opts["prefix"] = forced_prefix(req.forced_tool)
         conv, kept = self.conversation(conv_id, req.max_kv_mb)
-        with conv.lock, ExitStack() as stack:  # one request of a conversation at a time
+        with self._use(conv), ExitStack() as stack:  # one request of a conversation at a time
             session = conv.session
             n_history, first_event, t_before = len(conv.history), len(session.compactions), len(session.transcript_ids)
             stack.enter_context(session.transaction())
@@ -302,7 +315,8 @@ class Conversations:
                         yield {"tool_calls": items}
                         finish = "tool_calls"
                         message = {"role": "assistant", "content": (shown + rest) or None, "tool_calls": items}
-                conv.history.append(message_key(message))
+                if result["replied"]:  # the session recorded a reply (not when stopped before its first token)
+                    conv.history.append(message_key(message))
                 yield self._final(conv, kept, conv_id, result, finish, receipts, first_event, t_before)
             except AgentMemError as exc:
                 del conv.history[n_history:]
@@ -318,7 +332,7 @@ class Conversations:
         opts = self._options(req, req.logprobs)
         conv, kept = self.conversation(conv_id, req.max_kv_mb)
         prompt = req.prompt[0] if isinstance(req.prompt, list) and isinstance(req.prompt[0], str) else req.prompt
-        with conv.lock, ExitStack() as stack:
+        with self._use(conv), ExitStack() as stack:
             session = conv.session
             first_event, t_before = len(session.compactions), len(session.transcript_ids)
             stack.enter_context(session.transaction())
@@ -405,7 +419,8 @@ class Conversations:
                     break
         finally:
             events.close()
-        return {"text": "".join(text), "generated": generated, "finish": finish}
+        replied = result is not None or generated > 0
+        return {"text": "".join(text), "generated": generated, "finish": finish, "replied": replied}
 
     def _final(self, conv, kept, conv_id, result, finish, receipts, first_event, t_before) -> dict:
         session = conv.session

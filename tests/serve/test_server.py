@@ -294,3 +294,23 @@ def test_history_keys_ignore_what_clients_change_when_they_echo_a_reply():
     assert message_key({"role": "assistant", "content": None}) == message_key({"role": "assistant", "content": ""})
     msgs = [{"role": "user", "content": "a"}, echoed, {"role": "tool", "tool_call_id": "call_9", "content": "x"}]
     assert new_messages([message_key(msgs[0]), message_key(sent)], msgs) == msgs[2:]
+
+
+def test_a_reply_stopped_before_its_first_token_is_not_in_the_history(loaded):
+    from agentmem.serve import message_key
+
+    app = AgentMemServer(loaded, max_kv_mb=0.06, policy="streaming", max_request_seconds=1e-9)
+    app.start(port=0)
+    try:
+        long_turn = [{"role": "user", "content": "word " * 400}]  # compacted while it is read
+        status, _, raw = _post(
+            app, {"model": "tiny-llama", "messages": long_turn, "max_tokens": 8}, {"X-Conversation-Id": "c"}
+        )
+        body = json.loads(raw)
+        session = app.session("c")
+        assert status == 200 and body["usage"]["completion_tokens"] == 0 and session.compactions
+        assert session.messages[-1]["role"] == "user"  # no reply was generated, and none is recorded
+        keys = app._conversations["c"].history
+        assert keys == [message_key(long_turn[0])]
+    finally:
+        app.shutdown()
