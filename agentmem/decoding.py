@@ -49,10 +49,12 @@ class Options:
         """Checked options from a call's keyword arguments; a clear error for anything unknown or out of range."""
         unknown = sorted(set(kwargs) - {f.name for f in fields(cls)})
         if unknown:
-            raise TypeError(f"unknown generation option(s) {', '.join(map(repr, unknown))}; known: {_OPTION_NAMES}")
+            known = ", ".join(f.name for f in fields(cls))
+            raise TypeError(f"unknown generation option(s) {', '.join(map(repr, unknown))}; known: {known}")
         o = dict(kwargs)
-        if not isinstance(o.get("top_k", 0), int) or isinstance(o.get("top_k", 0), bool) or o.get("top_k", 0) < 0:
-            raise ValueError(f"top_k must be an int >= 0 (got {o['top_k']!r})")
+        top_k = o.get("top_k", 0)
+        if not is_int(top_k) or top_k < 0:
+            raise ValueError(f"top_k must be an int >= 0 (got {top_k!r})")
         for name in ("presence_penalty", "frequency_penalty"):
             if name in o and (not is_number(o[name]) or not -2 <= o[name] <= 2):
                 raise ValueError(f"{name} must be a number in [-2, 2] (got {o[name]!r})")
@@ -69,15 +71,15 @@ class Options:
             pairs.append((tok, float(v)))
         o["logit_bias"] = tuple(pairs)
         procs = o.get("logits_processor") or ()
-        procs = tuple(procs) if isinstance(procs, (list, tuple)) or hasattr(procs, "__iter__") else (procs,)
+        procs = tuple(procs) if hasattr(procs, "__iter__") else (procs,)
         if not all(callable(f) for f in procs):
             raise TypeError("logits_processor must be a callable or a list of them (transformers LogitsProcessor)")
         o["logits_processor"] = procs
         lp = o.get("logprobs")
-        if lp is not None and (not isinstance(lp, int) or isinstance(lp, bool) or not 0 <= lp <= 20):
+        if lp is not None and (not is_int(lp) or not 0 <= lp <= 20):
             raise ValueError(f"logprobs must be None or an int in [0, 20] (got {lp!r})")
         seed = o.get("seed")
-        if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool)):
+        if seed is not None and not is_int(seed):
             raise ValueError(f"seed must be an int (got {seed!r})")
         streamer = o.get("streamer")
         if streamer is not None and not (hasattr(streamer, "put") and hasattr(streamer, "end")):
@@ -89,11 +91,6 @@ class Options:
     @property
     def shapes_logits(self) -> bool:
         return bool(self.presence_penalty or self.frequency_penalty or self.logit_bias or self.logits_processor)
-
-
-_OPTION_NAMES = (
-    "top_k, presence_penalty, frequency_penalty, logit_bias, logits_processor, logprobs, seed, streamer, prefix"
-)
 
 
 class Sampler:
@@ -128,8 +125,12 @@ def is_number(x) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
 
 
+def is_int(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
 def check_generation_args(max_new_tokens, temperature, top_p, stop=None) -> None:
-    if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) or max_new_tokens < 0:
+    if not is_int(max_new_tokens) or max_new_tokens < 0:
         raise ValueError(f"max_new_tokens must be an int >= 0 (got {max_new_tokens!r})")
     if not is_number(temperature) or temperature < 0:
         raise ValueError(f"temperature must be a finite number >= 0 (got {temperature!r})")

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import os
 import threading
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -404,10 +405,7 @@ class Session:
         elif self._reply_at is not None and full.startswith(self._chat_text[: self._reply_at]):
             # the last reply was read further than its message says (a stop string cut it): go on from
             # where the template's rendering of the history departs from what was read
-            same = self._reply_at
-            while same < min(len(full), len(self._chat_text)) and full[same] == self._chat_text[same]:
-                same += 1
-            delta = full[same:]
+            delta = full[len(os.path.commonprefix([full, self._chat_text])) :]
         else:  # first turn, or raw text was read in between: render the new messages alone
             delta = self._render(messages, add_generation_prompt)
             if self.messages:

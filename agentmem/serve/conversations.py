@@ -302,19 +302,18 @@ class Conversations:
                     content.push(opts.get("prefix", ""))
                 result = yield from self._reply(events, cancelled, content)
                 finish = "length" if result["finish"] == "length" else "stop"
-                message = {"role": "assistant", "content": result["text"]}
+                message = {"role": "assistant", "content": result["text"]}  # the history holds what was sent
                 if content is not None:
                     shown = content.text[: content.sent]
                     rest, calls = content.finish()
                     if rest:
                         yield {"delta": rest}
-                    message["content"] = shown + rest  # the history holds what the client was sent
+                    message["content"] = shown + rest
                     if calls:
                         calls = calls[:1] if req.parallel_tool_calls is False else calls
-                        items = [c.as_openai(f"call_{uuid.uuid4().hex[:24]}") for c in calls]
-                        yield {"tool_calls": items}
+                        message["tool_calls"] = [c.as_openai(f"call_{uuid.uuid4().hex[:24]}") for c in calls]
+                        yield {"tool_calls": message["tool_calls"]}
                         finish = "tool_calls"
-                        message = {"role": "assistant", "content": (shown + rest) or None, "tool_calls": items}
                 if result["replied"]:  # the session recorded a reply (not when stopped before its first token)
                     conv.history.append(message_key(message))
                 yield self._final(conv, kept, conv_id, result, finish, receipts, first_event, t_before)

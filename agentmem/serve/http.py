@@ -192,7 +192,7 @@ async def _serve(request: Request, conversations: Conversations, kind) -> Respon
     run = conversations.chat if chat else conversations.complete
     job = Job(lambda cancelled: run(req, conv_header, cancelled))
     try:
-        first = await job.next()  # the request's own errors come before its first chunk
+        await job.next()  # the request's own errors come before its first chunk (a "started" marker)
     except APIError:
         raise
     except (ValueError, TypeError) as exc:
@@ -205,7 +205,7 @@ async def _serve(request: Request, conversations: Conversations, kind) -> Respon
         return StreamingResponse(
             reply.events(request), media_type="text/event-stream", headers={"Cache-Control": "no-cache"}
         )
-    return await reply.whole(request, first)
+    return await reply.whole(request)
 
 
 class _Reply:
@@ -245,7 +245,7 @@ class _Reply:
                 return
             await asyncio.sleep(0.1)
 
-    async def whole(self, request: Request, first: dict) -> Response:
+    async def whole(self, request: Request) -> Response:
         text, calls, lps, final = [], None, [], {}
         watcher = asyncio.ensure_future(self._watch(request))
         try:
