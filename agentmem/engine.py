@@ -9,6 +9,7 @@ that leave no trace) and applies compaction plans. It knows nothing about text, 
 from __future__ import annotations
 
 import math
+import time
 from array import array
 from collections.abc import Sequence
 from contextlib import contextmanager
@@ -237,16 +238,27 @@ class Engine:
         """
         planner = planner or self.policy
         source = source or plan.queries or "recent"
-        queries, notes = None, []
+        t0 = time.perf_counter()
+        queries, notes, phases = None, [], {}
         if plan.budgets and method.needs_queries:  # per-context head budgets: from the queries, once
             queries, notes = self.queries(cache, plan, source)
+            t1 = time.perf_counter()
+            method.prepare(cache, plan.requests, queries)  # the method's own pass scores the entries once
             planner.allocate(plan, cache, queries)
+            phases = {"queries": t1 - t0, "scores": time.perf_counter() - t1}
         if method.needs_queries and groups > 1 and source in ("repeat-prefill", "self-study"):
             event = self._execute_on_policy(cache, plan, method, source, groups, planner.name)
         else:
             if method.needs_queries and queries is None:
+                t1 = time.perf_counter()
                 queries, notes = self.queries(cache, plan, source)
+                phases["queries"] = time.perf_counter() - t1
             event = execute_plan(cache, plan, method, planner.name, queries)
+        for phase, seconds in phases.items():
+            event.phases[phase] = event.phases.get(phase, 0.0) + seconds
+        if queries is not None:
+            event.work_bytes += queries.nbytes
+        event.seconds = time.perf_counter() - t0  # query generation and allocation included
         event.notes[:0] = notes
         if planner.head_budgets != "uniform" or plan.budgets:
             event.notes.append(f"head budgets: {plan.budgets or planner.budgets_description}")
@@ -263,9 +275,11 @@ class Engine:
             for g in range(0, len(layers), size):
                 part = set(layers[g : g + size])
                 sub = CompactionPlan(plan.reason, [r for r in plan.requests if r.layer in part], plan.queries)
+                t0 = time.perf_counter()
                 queries, notes = self.queries(cache, sub, source)
                 events.append(execute_plan(cache, sub, method, name, queries))
                 events[-1].notes[:0] = notes
+                events[-1].phases["queries"] = time.perf_counter() - t0 - events[-1].seconds
         except BaseException:
             cache.abort()
             raise
@@ -274,6 +288,9 @@ class Engine:
         last.tokens_before, last.kv_bytes_before = first.tokens_before, first.kv_bytes_before
         last.payload_bytes_before = first.payload_bytes_before
         last.seconds = sum(e.seconds for e in events)
+        last.phases = {p: sum(e.phases.get(p, 0.0) for e in events) for p in {p for e in events for p in e.phases}}
+        last.work_bytes = max(e.work_bytes for e in events)
+        last.span_tokens = sum(e.span_tokens for e in events) / len(events)
         last.notes = [n for e in events for n in e.notes] + [f"on-policy: {len(events)} layer groups"]
         fits = [e.fit_output_error for e in events if e.fit_output_error is not None]
         last.fit_output_error = sum(fits) / len(fits) if fits else None

@@ -30,6 +30,11 @@ class CompactionEvent:
     fit_output_error: float | None = None  # mean relative error of the fitted attention output
     fit_mass_error: float | None = None  # mean relative error of the fitted attention mass
     notes: list[str] = field(default_factory=list)
+    # seconds per phase ("queries": generating reference queries, "scores": ranking entries,
+    # "fits": beta and value fits, "write": validating and writing the cache); ``seconds`` is all of it
+    phases: dict[str, float] = field(default_factory=dict)
+    work_bytes: int = 0  # most it held beside the cache: reference queries + the largest scores/fit batch (estimate)
+    span_tokens: float = 0.0  # entries it replaced per layer and KV head, averaged (the span it compacted)
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -60,6 +65,7 @@ class SessionStats:
     compactions: list[CompactionEvent] = field(default_factory=list)
     head_budgets: str = "uniform"  # how compactions share entries between KV heads (and the profile used)
     query_buffer_bytes: int = 0  # reference queries kept for online compaction: memory outside max_kv_bytes
+    peak_work_bytes: int = 0  # the most a compaction held beside the cache (queries, scores, fits): outside it too
 
     def as_dict(self) -> dict:
         return asdict(self)

@@ -187,6 +187,7 @@ class Session:
             compactions=list(self.compactions),
             head_budgets=self.policy.budgets_description,
             query_buffer_bytes=c.query_buffer.nbytes if c.query_buffer is not None else 0,
+            peak_work_bytes=max((e.work_bytes for e in self.compactions), default=0),
         )
 
     def transcript(self) -> str:

@@ -42,17 +42,20 @@ def run_policy(
     finite = True
     worst = 0
     t0 = time.perf_counter()
+    gen_seconds = 0.0  # the budgeted session's own steps (compactions included), not the teacher-forced run
     generated = 0
     while generated < tokens:
         n = min(block, tokens - generated)
         fed = [budget.transcript_ids[-1]]  # the pending token both sessions run next
         b_logp = []
         for _ in range(n):
+            t_step = time.perf_counter()
             logits = budget.next_logits()
-            finite &= bool(torch.isfinite(logits).all())
-            worst = max(worst, budget.cache.kv_bytes, budget.cache.peak_bytes)
             tok = int(torch.argmax(logits))
             budget.append_tokens([tok])
+            gen_seconds += time.perf_counter() - t_step
+            finite &= bool(torch.isfinite(logits).all())
+            worst = max(worst, budget.cache.kv_bytes, budget.cache.peak_bytes)
             fed.append(tok)
             b_logp.append(torch.log_softmax(logits.float(), -1))
         f_logits = full.score(fed[1:], return_logits=True).logits  # teacher-forced on the same tokens
@@ -73,6 +76,8 @@ def run_policy(
         for i in range(0, len(agree), segment)
     ]
     st = budget.stats
+    events = [e for e in st.compactions if e.reason == "budget"]
+    span = round(sorted(e.span_tokens for e in events)[len(events) // 2]) if events else 0
     return {
         "policy": policy,
         "tokens": len(agree),
@@ -87,9 +92,31 @@ def run_policy(
         "physical_tokens": st.physical_tokens,
         "logical_tokens": st.logical_tokens,
         "compaction_seconds": sum(e.seconds for e in st.compactions),
+        "generation_seconds": gen_seconds,
+        "tokens_per_second": len(agree) / gen_seconds,
+        "compaction_share": sum(e.seconds for e in st.compactions) / gen_seconds,
+        "halving_seconds": sorted(e.seconds for e in events)[len(events) // 2] if events else None,
+        "span_tokens": span,
+        "span_prefill_seconds": _prefill_seconds(loaded, list(budget.transcript_ids), span) if span else None,
+        "phases": {p: sum(e.phases.get(p, 0.0) for e in events) for p in {p for e in events for p in e.phases}},
+        "peak_work_bytes": st.peak_work_bytes,
+        "query_buffer_bytes": st.query_buffer_bytes,
         "seconds": time.perf_counter() - t0,
         "sample": loaded.tokenizer.decode(list(budget.transcript_ids)[len(prompt) : len(prompt) + 300]),
     }
+
+
+def _prefill_seconds(loaded, ids: list[int], n: int, repeats: int = 3) -> float:
+    """Median seconds to read n tokens after as many (a prefill the size of a compacted span, at a
+    context length like the budget's)."""
+    times = []
+    for _ in range(repeats):
+        s = AgentSession(model=loaded, max_kv_mb=None, policy="streaming")
+        s.append_tokens(ids[:n])
+        t0 = time.perf_counter()
+        s.append_tokens(ids[n : 2 * n])
+        times.append(time.perf_counter() - t0)
+    return sorted(times)[len(times) // 2]
 
 
 def _k(n: int) -> str:
@@ -117,6 +144,30 @@ def to_markdown(data: dict, command: str) -> str:
             f"| `{r['policy']}` | **{r['agreement']:.3f}** | {r['kl']:.3f} | {segs} | {r['compactions']} | "
             f"{r['peak_kv_bytes'] // 1024} / {r['max_kv_bytes'] // 1024} | {r['finite']} |"
         )
+    base = next((r for r in data["results"] if r["policy"] == "streaming"), None)
+    if all("generation_seconds" in r for r in data["results"]):
+        lines += [
+            "",
+            "## Time",
+            "",
+            "The budgeted session's own steps only (the teacher-forced run is not counted). *Compacting*: share of "
+            "that time spent in compactions. *Halving*: median seconds of one budget compaction, and as a multiple of "
+            "the time to read as many tokens as it compacted (per layer and KV head) after as many, measured in the "
+            "same run. Tokens/s ratio: against `streaming` in the same run.",
+            "",
+            "| policy | tokens/s | vs streaming | compacting | halving | span tokens | vs its prefill | peak work KiB "
+            "| query buffer KiB |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        ]
+        for r in data["results"]:
+            ratio = f"{r['tokens_per_second'] / base['tokens_per_second']:.2f}" if base else "-"
+            halving = f"{r['halving_seconds'] * 1e3:.0f} ms" if r["halving_seconds"] is not None else "-"
+            cost = f"{r['halving_seconds'] / r['span_prefill_seconds']:.2f}x" if r["span_prefill_seconds"] else "-"
+            lines.append(
+                f"| `{r['policy']}` | {r['tokens_per_second']:.1f} | {ratio} | {r['compaction_share']:.1%} | "
+                f"{halving} | {r['span_tokens']} | {cost} | {r['peak_work_bytes'] // 1024} | "
+                f"{r['query_buffer_bytes'] // 1024} |"
+            )
     lines += ["", f"Command: `{command}`", ""]
     return "\n".join(lines)
 

@@ -1,7 +1,8 @@
-"""The Attention Matching method: compacts the spans of one layer, chunked, batched over heads."""
+"""The Attention Matching method: compacts the spans of a plan, chunked, batched across layers and heads."""
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -11,11 +12,11 @@ from ..errors import CompactionError
 from ..kv.cache import CompactedCache
 from ..kv.layer import Block
 from ..units import MiB
-from .fit import REDUCTIONS, attention_match, block_scores, key_scores, span_key_scores
+from .fit import REDUCTIONS, attention_match
 from .plan import QUERY_CAP, CompactionReport, Replacement, SpanRequest, split_target
 from .queries import QuerySet
+from .scores import WORK_BYTES, head_pass
 
-_SCORE_BYTES = 256 * MiB  # rank a span in one pass when its logits S (n x T fp32) fit in this
 _T_BUCKET = 64  # chunks whose targets differ by less than this are fitted in one padded batch
 
 
@@ -32,8 +33,9 @@ class Chunk(NamedTuple):
 
 
 class FitJob(NamedTuple):
-    """A chunk of KV head ``head`` to fit, with the query rows that fit it."""
+    """A chunk of KV head ``head`` of ``requests[request]`` to fit, with the query rows that fit it."""
 
+    request: int
     head: int
     chunk: Chunk
     fit_rows: torch.Tensor
@@ -59,8 +61,10 @@ class AttentionMatching:
 
     Queries: (H_q, n, d) per layer from a QuerySet; the GQA group of each KV head is stacked and
     capped at ``query_cap`` rows for key selection, ``fit_query_cap`` of them for the fits.
-    Chunks of all heads with the same (length, target) are fitted in
-    one batched call. A head whose value fit fails keeps copied values, and the report says so.
+    Keys are ranked in one pass per head (compaction/scores.py; shared with the global head
+    budgets through :meth:`prepare`); chunks of all layers and heads with the same length and
+    similar targets are fitted in a few batched calls. A head whose value fit fails keeps copied
+    values, and the report says so.
     """
 
     name: str = "am"
@@ -78,140 +82,213 @@ class AttentionMatching:
     span_selection: bool = True  # rank keys over the whole span, not chunk by chunk
     selection_dtype: str = "float32"  # products for ranking keys: "float32", "bfloat16" or "auto" (bf16 on CUDA)
     seed: int = 0
+    work_bytes: int = 8 * MiB  # logits (B x n x T fp32) of one batched fit at most this (small batches stay in cache)
 
-    def _chunks(self, layer, q: torch.Tensor, scale: float, h: int, start: int, end: int, target: int) -> list[Chunk]:
+    def _ranks(self) -> bool:
+        """Whether keys are ranked span-wide (highest attention), from a pass over the whole head."""
+        return self.span_selection and self.selection in REDUCTIONS
+
+    def _queries(self, cache: CompactedCache, queries: QuerySet | None, layer_idx: int) -> torch.Tensor:
+        """(H_kv, n, d) the layer's reference queries per KV head."""
+        if queries is None or layer_idx not in queries.per_layer:
+            raise CompactionError(f"attention matching needs reference queries for layer {layer_idx}")
+        layer = cache.layers[layer_idx]
+        return queries.for_kv_heads(layer_idx, layer.num_heads, self.query_cap, self.seed).to(layer.device)
+
+    def _score_head(self, cache: CompactedCache, request: SpanRequest, q: torch.Tensor, h: int, entry: bool) -> int:
+        """One pass of head h's queries over its entries (compaction/scores.py): the span rankings
+        (``request.ranked``) and, with ``entry``, the entries' max weights (``request.scores``).
+        Returns the bytes of scores it held at once."""
+        layer = cache.layers[request.layer]
+        length = layer.lengths[h]
+        spans = []
+        if self._ranks():
+            for start, end, _ in request.heads[h]:
+                if end > start:
+                    edges = [cs for cs, _, _ in split_chunks(start, end, 0, self.chunk)] + [end]
+                    spans.append((start, end, edges))
+        if not spans and not entry:
+            return 0
+        scores, ranked = head_pass(
+            layer.head("k", h)[:length],
+            layer.head("beta", h)[:length],
+            q[h],
+            cache.spec.scaling[request.layer],
+            "max" if entry else None,
+            spans,
+            REDUCTIONS.get(self.selection, "rms"),
+            dtype=_selection_dtype(self.selection_dtype, layer.device),
+        )
+        if entry:
+            request.scores[h] = scores
+        for sc in ranked:
+            request.ranked[(h, sc.start, sc.end)] = sc
+        return 2 * 4 * length * min(q.shape[1], max(1, WORK_BYTES // max(1, 4 * length)))
+
+    def prepare(self, cache: CompactedCache, requests: list[SpanRequest], queries: QuerySet) -> None:
+        """Score every requested head in one pass before the global head budgets are set: the
+        allocation reads ``request.scores``, the key selection later reads ``request.ranked``."""
+        for request in requests:
+            if request.layer in queries.per_layer:
+                q = self._queries(cache, queries, request.layer)
+                for h in range(len(request.heads)):
+                    self._score_head(cache, request, q, h, entry=True)
+
+    def _chunks(self, request: SpanRequest, h: int, start: int, end: int, target: int) -> list[Chunk]:
         """Split one span into chunks, each with its own target (and, span-wide, its selected keys).
 
         With a highest-attention selection and ``span_selection``, keys are ranked under the
         span-wide softmax and the top ``target`` are kept wherever they are: a chunk that matters
-        more keeps more. Otherwise (OMP) every chunk keeps a share proportional to its length.
-        The ranking may use bf16 products (``selection_dtype``); the fits are always fp32.
+        more keeps more, and is fitted on the queries that attend to it most. Otherwise (OMP) every
+        chunk keeps a share proportional to its length, fitted on a random subset of the queries.
         """
-        if not (self.span_selection and self.selection in REDUCTIONS) or target in (0, end - start):
+        if not self._ranks() or target in (0, end - start):
             return [Chunk(cs, ce, ct) for cs, ce, ct in split_chunks(start, end, target, self.chunk)]
-        slots = torch.arange(start, end, device=layer.device)
-        k, bias = layer.head("k", h)[start:end][None], layer.head("beta", h)[start:end][None]
-        reduce = REDUCTIONS[self.selection]
-        chunks = split_chunks(start, end, 0, self.chunk)
-        shares = None
-        if q.shape[1] * (end - start) * 4 <= _SCORE_BYTES:  # one pass over S (n x T)
-            dtype = _selection_dtype(self.selection_dtype, layer.device)
-            s = block_scores(q[h : h + 1].to(dtype), k.to(dtype), scale, bias)  # (1, n, T) fp32
-            w = torch.softmax(s, dim=-1)
-            del s
-            member = torch.zeros(end - start, len(chunks), device=layer.device)  # (T, chunks) indicator
-            for i, (cs, ce, _) in enumerate(chunks):
-                member[cs - start : ce - start, i] = 1.0
-            shares = (w[0] @ member).T  # (chunks, n): each query's attention share on each chunk
-            scores = key_scores(w, reduce, inplace=True)[0].masked_fill(~torch.isfinite(bias[0]), -1.0)
-        else:  # a long span: two chunked passes, nothing of size n x T kept
-            scores = span_key_scores(q[h : h + 1], k, scale, bias, reduce, self.chunk)[0]
-        chosen = slots[torch.topk(scores, target).indices].sort().values
+        ranked = request.ranked[(h, start, end)]
+        chosen = torch.topk(ranked.keys, target).indices.sort().values + start
         out = []
-        for i, (cs, ce, _) in enumerate(chunks):
+        for i, (cs, ce, _) in enumerate(split_chunks(start, end, 0, self.chunk)):
             sel = chosen[(chosen >= cs) & (chosen < ce)]
             rows = None
-            if shares is not None and q.shape[1] > self.fit_query_cap:
+            if ranked.shares.shape[1] > self.fit_query_cap:
                 # fit on the queries that attend to this chunk the most: for the others the chunk's
                 # share of attention is small, and so is the effect of its compaction error
-                rows = torch.topk(shares[i], self.fit_query_cap).indices.sort().values
+                rows = torch.topk(ranked.shares[i], self.fit_query_cap).indices.sort().values
             out.append(Chunk(cs, ce, int(sel.numel()), sel, rows))
         return out
 
     def compact(
         self, cache: CompactedCache, request: SpanRequest, queries: QuerySet | None, report: CompactionReport
     ) -> list[list[Replacement]]:
-        layer_idx = request.layer
-        layer = cache.layers[layer_idx]
-        if queries is None or layer_idx not in queries.per_layer:
-            raise CompactionError(f"attention matching needs reference queries for layer {layer_idx}")
-        q = queries.for_kv_heads(layer_idx, layer.num_heads, self.query_cap, self.seed).to(layer.device)
-        scale = cache.spec.scaling[layer_idx]
-        # the fits (beta, values) use a subset of the selection's queries: their cost grows as n t^2
-        # the fits cost n t^2: when a chunk gives no better choice, they use a random subset of queries
-        g = torch.Generator().manual_seed(self.seed * 7919 + layer_idx)
-        random_rows = torch.randperm(q.shape[1], generator=g)[: self.fit_query_cap].sort().values.to(q.device)
+        return self.compact_all(cache, [request], queries, report)[0]
 
-        # jobs: one per (head, chunk) to fit, grouped by (length, target) so that a group is one batch
-        jobs: dict[tuple[int, int], list[FitJob]] = {}
-        plan = []
-        for h, spans in enumerate(request.heads):
+    def compact_all(
+        self, cache: CompactedCache, requests: list[SpanRequest], queries: QuerySet | None, report: CompactionReport
+    ) -> list[list[list[Replacement]]]:
+        """Select the keys of every (layer, head, chunk), then fit all chunks of one shape -- across
+        layers -- in a few batched calls of at most ``work_bytes`` of logits each."""
+        t0 = time.perf_counter()
+        jobs: dict[tuple, list[FitJob]] = {}  # by (length, target bucket, fit rows, scale): one shape per batch
+        plans, qs = [], []
+        for r, request in enumerate(requests):
+            q = self._queries(cache, queries, request.layer)
+            qs.append(q)
+            # the fits cost n t^2: when a chunk gives no better choice, they use a random subset of queries
+            g = torch.Generator().manual_seed(self.seed * 7919 + request.layer)
+            random_rows = torch.randperm(q.shape[1], generator=g)[: self.fit_query_cap].sort().values.to(q.device)
             head_plan = []
-            for start, end, target in spans:
-                chunks = self._chunks(layer, q, scale, h, start, end, target) if end > start else []
-                head_plan.append((start, end, chunks))
-                for c in chunks:
-                    if 0 < c.target < c.end - c.start:
-                        # span-selected chunks of one length and similar targets share a batch (targets padded)
-                        key = (c.end - c.start, -1 - c.target // _T_BUCKET if c.selected is not None else c.target)
-                        rows = random_rows if c.fit_rows is None else c.fit_rows
-                        jobs.setdefault(key, []).append(FitJob(h, c, rows))
-            plan.append(head_plan)
+            for h, spans in enumerate(request.heads):
+                if self._ranks() and any(0 < t < e - s for s, e, t in spans):
+                    if any((h, s, e) not in request.ranked for s, e, t in spans if 0 < t < e - s):
+                        report.held(self._score_head(cache, request, q, h, entry=False))
+                chunks_of = []
+                for start, end, target in spans:
+                    chunks = self._chunks(request, h, start, end, target) if end > start else []
+                    chunks_of.append((start, end, chunks))
+                    for c in chunks:
+                        if 0 < c.target < c.end - c.start:
+                            rows = random_rows if c.fit_rows is None else c.fit_rows
+                            # span-selected chunks of one length and similar targets share a batch (targets padded)
+                            bucket = -1 - c.target // _T_BUCKET if c.selected is not None else c.target
+                            key = (c.end - c.start, bucket, rows.numel(), cache.spec.scaling[request.layer])
+                            jobs.setdefault(key, []).append(FitJob(r, h, c, rows))
+                head_plan.append(chunks_of)
+            plans.append(head_plan)
+        t1 = time.perf_counter()
+        report.timed("scores", t1 - t0)
 
-        fitted: dict[tuple[int, int], Block] = {}
-        for members in jobs.values():
-            heads = torch.tensor([m.head for m in members], device=layer.device)
-            slots = torch.stack(
-                [torch.arange(m.chunk.start, m.chunk.end, device=layer.device) for m in members]
-            )  # (B, T)
-            t = max(m.chunk.target for m in members)
-            given = given_mask = None
-            if members[0].chunk.selected is not None:  # (B, t) positions within the chunk, padded to the longest
-                given = torch.zeros(len(members), t, dtype=torch.long, device=layer.device)
-                given_mask = torch.zeros(len(members), t, dtype=torch.bool, device=layer.device)
-                for b, m in enumerate(members):
-                    given[b, : m.chunk.target] = m.chunk.selected - m.chunk.start
-                    given_mask[b, : m.chunk.target] = True
-            q_fit = torch.stack([q[m.head][m.fit_rows] for m in members])  # (B, n_fit, d)
-            k = layer.gather("k", heads, slots)  # (B, T, d)
-            v = layer.gather("v", heads, slots)
-            bias = layer.gather("beta", heads, slots)  # (B, T) fp32, the beta the entries already carry
-            res = attention_match(
-                q_fit,
-                k,
-                v,
-                t,
-                scale,
-                bias=bias,
-                selection=self.selection,
-                omp_step=self.omp_step,
-                beta_iters=self.beta_iters,
-                ridge=self.ridge,
-                beta_ridge=self.beta_ridge,
-                fit_beta=self.fit_beta,
-                fit_values_=self.fit_values,
-                idx=given,
-                idx_mask=given_mask,
-            )
-            sel_slots = torch.gather(slots, 1, res.idx)
-            for b, m in enumerate(members):
-                h, cs, n_keep = m.head, m.chunk.start, m.chunk.target
-                s = sel_slots[b, :n_keep]
-                fitted[(h, cs)] = Block(
-                    keys=layer.head("k", h)[s],
-                    values=res.values[b, :n_keep].to(layer.dtype),
-                    beta=res.beta[b, :n_keep],
-                    pos=layer.head("pos", h)[s],
-                    tok=layer.head("tok", h)[s],
-                )
-                if not bool(res.values_ok[b]):
-                    report.notes.append(f"layer {layer_idx} head {h} slots {cs}+: value fit failed, copied values")
-            report.output_errors += res.output_error.tolist()
-            report.mass_errors += res.mass_error.tolist()
+        fitted: dict[tuple[int, int, int], Block] = {}
+        for (length, _, n_fit, scale), members in jobs.items():
+            size = max(1, self.work_bytes // (4 * n_fit * length))
+            for a in range(0, len(members), size):
+                batch = members[a : a + size]
+                report.held(3 * 4 * len(batch) * n_fit * length)  # logits, weights and their products
+                self._fit(cache, requests, qs, batch, scale, fitted, report)
+        report.timed("fits", time.perf_counter() - t1)
 
-        out: list[list[Replacement]] = []
-        for h, head_plan in enumerate(plan):
-            spans_out = []
-            for start, end, chunks in head_plan:
-                parts = []
-                for c in chunks:
-                    if c.target == 0:
-                        continue
-                    full = c.target == c.end - c.start
-                    parts.append(layer.read_span(h, c.start, c.end) if full else fitted[(h, c.start)])
-                spans_out.append((start, end, _concat(parts)))
-            out.append(spans_out)
+        out = []
+        for r, head_plan in enumerate(plans):
+            layer = cache.layers[requests[r].layer]
+            per_head: list[list[Replacement]] = []
+            for h, chunks_of in enumerate(head_plan):
+                spans_out = []
+                for start, end, chunks in chunks_of:
+                    parts = []
+                    for c in chunks:
+                        if c.target == 0:
+                            continue
+                        full = c.target == c.end - c.start
+                        parts.append(layer.read_span(h, c.start, c.end) if full else fitted[(r, h, c.start)])
+                    spans_out.append((start, end, _concat(parts)))
+                per_head.append(spans_out)
+            out.append(per_head)
         return out
+
+    def _fit(
+        self,
+        cache: CompactedCache,
+        requests: list[SpanRequest],
+        qs: list[torch.Tensor],
+        batch: list[FitJob],
+        scale: float,
+        fitted: dict[tuple[int, int, int], Block],
+        report: CompactionReport,
+    ) -> None:
+        """Fit one batch of chunks of one length (from any layers) in one :func:`attention_match` call."""
+        batch = sorted(batch, key=lambda m: m.request)  # one gather per layer
+        device = qs[batch[0].request].device
+        slots = torch.stack([torch.arange(m.chunk.start, m.chunk.end, device=device) for m in batch])  # (B, T)
+        k, v, bias = [], [], []
+        for r in dict.fromkeys(m.request for m in batch):
+            rows = [b for b, m in enumerate(batch) if m.request == r]
+            layer = cache.layers[requests[r].layer]
+            heads = torch.tensor([batch[b].head for b in rows], device=device)
+            k.append(layer.gather("k", heads, slots[rows]))  # (b, T, d)
+            v.append(layer.gather("v", heads, slots[rows]))
+            bias.append(layer.gather("beta", heads, slots[rows]))  # (b, T) fp32, the beta the entries carry
+        t = max(m.chunk.target for m in batch)
+        given = given_mask = None
+        if batch[0].chunk.selected is not None:  # (B, t) positions within the chunk, padded to the longest
+            given = torch.zeros(len(batch), t, dtype=torch.long, device=device)
+            given_mask = torch.zeros(len(batch), t, dtype=torch.bool, device=device)
+            for b, m in enumerate(batch):
+                given[b, : m.chunk.target] = m.chunk.selected - m.chunk.start
+                given_mask[b, : m.chunk.target] = True
+        q_fit = torch.stack([qs[m.request][m.head][m.fit_rows] for m in batch])  # (B, n_fit, d)
+        res = attention_match(
+            q_fit,
+            torch.cat(k),
+            torch.cat(v),
+            t,
+            scale,
+            bias=torch.cat(bias),
+            selection=self.selection,
+            omp_step=self.omp_step,
+            beta_iters=self.beta_iters,
+            ridge=self.ridge,
+            beta_ridge=self.beta_ridge,
+            fit_beta=self.fit_beta,
+            fit_values_=self.fit_values,
+            idx=given,
+            idx_mask=given_mask,
+        )
+        sel_slots = torch.gather(slots, 1, res.idx)
+        for b, m in enumerate(batch):
+            layer_idx = requests[m.request].layer
+            layer = cache.layers[layer_idx]
+            h, cs, n_keep = m.head, m.chunk.start, m.chunk.target
+            s = sel_slots[b, :n_keep]
+            fitted[(m.request, h, cs)] = Block(
+                keys=layer.head("k", h)[s],
+                values=res.values[b, :n_keep].to(layer.dtype),
+                beta=res.beta[b, :n_keep],
+                pos=layer.head("pos", h)[s],
+                tok=layer.head("tok", h)[s],
+            )
+            if not bool(res.values_ok[b]):
+                report.notes.append(f"layer {layer_idx} head {h} slots {cs}+: value fit failed, copied values")
+        report.output_errors += res.output_error.tolist()
+        report.mass_errors += res.mass_error.tolist()
 
 
 def _selection_dtype(name: str, device: torch.device) -> torch.dtype:

@@ -23,16 +23,16 @@ def execute_plan(
     t0 = time.perf_counter()
     before = (cache.physical_tokens, cache.kv_bytes, cache.payload_bytes)
     report = CompactionReport()
+    requests = [r for r in plan.requests if r.span_entries != r.target_entries]
+    try:
+        results = method.compact_all(cache, requests, queries, report)
+    except CompactionError:
+        raise
+    except Exception as exc:  # a numerical or shape failure inside the method
+        layers = ", ".join(str(r.layer) for r in requests)
+        raise CompactionError(f"{method.name} failed on layers {layers}: {exc}") from exc
     staged: list[tuple[int, list[list[Replacement]]]] = []
-    for request in plan.requests:
-        if request.span_entries == request.target_entries:
-            continue
-        try:
-            per_head = method.compact(cache, request, queries, report)
-        except CompactionError:
-            raise
-        except Exception as exc:  # a numerical or shape failure inside the method
-            raise CompactionError(f"{method.name} failed on layer {request.layer}: {exc}") from exc
+    for request, per_head in zip(requests, results):
         for h, (spans, wanted) in enumerate(zip(per_head, request.heads)):
             for (_, _, block), (_, _, target) in zip(spans, wanted):
                 if block is not None and len(block) > target:
@@ -41,6 +41,7 @@ def execute_plan(
                         f"target {target}"
                     )
         staged.append((request.layer, per_head))
+    t_write = time.perf_counter()
     cache.validate_spans(staged)
     for layer_idx, per_head in staged:
         single = [spans[0] if len(spans) == 1 else None for spans in per_head]
@@ -64,6 +65,9 @@ def execute_plan(
         payload_bytes_before=before[2],
         payload_bytes_after=cache.payload_bytes,
         seconds=time.perf_counter() - t0,
+        phases={**report.phases, "write": time.perf_counter() - t_write},
+        work_bytes=report.work_bytes,
+        span_tokens=sum(r.span_entries for r in requests) / max(1, sum(len(r.heads) for r in plan.requests)),
         queries=queries.source if queries is not None else None,
         fit_output_error=statistics.fmean(report.output_errors) if report.output_errors else None,
         fit_mass_error=statistics.fmean(report.mass_errors) if report.mass_errors else None,

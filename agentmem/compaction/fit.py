@@ -18,7 +18,8 @@ cache is a mass-weighted mixture of the blocks' outputs, so a block that keeps b
 rest of the cache's attention unchanged.
 
 Every function is batched over a leading dim B (one row per (layer, head, chunk)); shorter blocks
-are padded with b = -inf. Fits run in fp32/fp64; beta is fp32; nothing non-finite is returned.
+are padded with b = -inf. Fits run in fp32 (a system that fails is solved again in fp64); beta is
+fp32; nothing non-finite is returned.
 """
 
 from __future__ import annotations
@@ -70,9 +71,20 @@ def spd_solve(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Ten
     """Solve a x = b for symmetric positive definite a (B, t, t), b (B, t, k) -> (x, ok (B,) bool).
 
     Cholesky, not LU: the systems here are ridge-regularised normal equations, and MKL's pivoted LU
-    was seen to fail on well-conditioned batches inside pytest on a 2-core machine. A batch whose
-    factorisation fails gets x = 0 and ok = False.
+    was seen to fail on well-conditioned batches inside pytest on a 2-core machine. Solved in the
+    dtype of ``a`` (fp32: the ridge bounds the condition number); a system whose factorisation
+    fails or whose solution is not finite is solved again in fp64, and if that fails too it gets
+    x = 0 and ok = False. x has the dtype of ``a``.
     """
+    x, ok = _cholesky(a, b)
+    retry = ~ok | ~torch.isfinite(x).all(dim=(1, 2))
+    if a.dtype != torch.float64 and bool(retry.any()):
+        x64, ok64 = _cholesky(a[retry].double(), b[retry].double())
+        x[retry], ok[retry] = x64.to(x.dtype), ok64 & torch.isfinite(x64).all(dim=(1, 2))
+    return x, ok
+
+
+def _cholesky(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     chol, info = torch.linalg.cholesky_ex(a)
     ok = info == 0
     eye = torch.eye(a.shape[-1], dtype=a.dtype, device=a.device).expand_as(a)
@@ -81,23 +93,32 @@ def spd_solve(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Ten
 
 
 def fit_mass(
-    e_sel: torch.Tensor, m: torch.Tensor, lo: float, hi: torch.Tensor | float, iters: int = 100, ridge: float = 1e-4
+    e_sel: torch.Tensor,
+    m: torch.Tensor,
+    lo: float,
+    hi: torch.Tensor | float,
+    iters: int = 100,
+    ridge: float = 1e-4,
+    count: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Bounded least squares  min_{lo <= w <= hi} |E_sel w - m|^2 + lam |w - c|^2.
 
     E_sel (B, n, t), m (B, n) -> w (B, t) fp32. ``c`` is the best single common weight (what every
     kept key would carry if they were interchangeable) and lam = ridge * mean eigenvalue: a light
-    pull that keeps ill-conditioned problems well-posed. Normal equations (products in fp32, the
-    solve in fp64), clamped to the box, then ``iters`` steps of accelerated projected gradient
-    (FISTA, step 1/L with L the largest eigenvalue from a power iteration).
+    pull that keeps ill-conditioned problems well-posed; ``count`` (B,): the real columns of a
+    zero-padded E_sel (the mean is over those, so a block's fit does not depend on its batch).
+    Normal equations in fp32 (:func:`spd_solve` retries a failed system in fp64), clamped to the
+    box, then ``iters`` steps of accelerated projected gradient (FISTA, step 1/L with L the
+    largest eigenvalue from a power iteration).
     """
     a = e_sel.float()
-    gram = (a.transpose(1, 2) @ a).double()  # (B, t, t); entries of E are in [0, 1]: fp32 products are safe
-    rhs = (a.transpose(1, 2) @ m.float()[..., None]).squeeze(-1).double()  # (B, t)
+    gram = a.transpose(1, 2) @ a  # (B, t, t); entries of E are in [0, 1]: fp32 is enough (ridged)
+    rhs = (a.transpose(1, 2) @ m.float()[..., None]).squeeze(-1)  # (B, t)
     t = gram.shape[-1]
-    row = a.sum(dim=-1).double()  # (B, n) = E_sel 1
-    c = (row * m.double()).sum(-1) / (row * row).sum(-1).clamp_min(1e-30)  # (B,)
-    lam = ridge * gram.diagonal(dim1=1, dim2=2).mean(dim=-1).clamp_min(1e-30)  # (B,)
+    row = a.sum(dim=-1)  # (B, n) = E_sel 1
+    c = (row * m.float()).sum(-1) / (row * row).sum(-1).clamp_min(1e-30)  # (B,)
+    real = t if count is None else count.float().clamp_min(1)
+    lam = ridge * (gram.diagonal(dim1=1, dim2=2).sum(dim=-1) / real).clamp_min(1e-30)  # (B,)
     eye = torch.eye(t, dtype=gram.dtype, device=gram.device)
     gram = gram + lam[:, None, None] * eye
     rhs = rhs + (lam * c)[:, None]
@@ -125,36 +146,38 @@ def fit_mass(
 
 
 def fit_values(
-    p: torch.Tensor, o: torch.Tensor, prior: torch.Tensor, ridge: float
+    p: torch.Tensor, o: torch.Tensor, prior: torch.Tensor, ridge: float, count: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """min_C |P C - O|^2 + lam |C - prior|^2, lam = ridge * mean eigenvalue of P^T P.
+    """min_C |P C - O|^2 + lam |C - prior|^2, lam = ridge * mean eigenvalue of P^T P (over the
+    ``count`` (B,) real columns of a zero-padded P).
 
     P (B, n, t), O (B, n, d), prior (B, t, d) (the copied values V[idx]) -> (C_v (B, t, d) fp32,
-    ok (B,) bool). Solved in fp64 in the primal (t x t) or dual (n x n) form, whichever is smaller.
+    ok (B,) bool). Solved in the primal (t x t) or dual (n x n) form, whichever is smaller, in fp32
+    (:func:`spd_solve` retries a failed system in fp64).
     Rows whose solution is not finite, or whose norm explodes, get the prior and ok = False.
     """
     p32, v0 = p.float(), prior.float()
     resid = o.float() - p32 @ v0  # (B, n, d)
     n, t = p32.shape[1], p32.shape[2]
-    # products in fp32 (P is a softmax, in [0, 1]); the solve in fp64
+    # fp32: P is a softmax (in [0, 1]) and the ridge bounds the condition number by ~t / ridge
     if t <= n:
-        gram = (p32.transpose(1, 2) @ p32).double()
-        rhs = (p32.transpose(1, 2) @ resid).double()
+        gram = p32.transpose(1, 2) @ p32
+        rhs = p32.transpose(1, 2) @ resid
     else:
-        gram = (p32 @ p32.transpose(1, 2)).double()
-        rhs = resid.double()
+        gram = p32 @ p32.transpose(1, 2)
+        rhs = resid
     fro = gram.diagonal(dim1=1, dim2=2).sum(dim=-1)  # trace(P^T P) = trace(P P^T)
-    lam = (ridge * fro / t).clamp_min(1e-12 * fro.clamp_min(1e-30))[:, None, None]
+    real = t if count is None else count.float().clamp_min(1)
+    lam = (ridge * fro / real).clamp_min(1e-12 * fro.clamp_min(1e-30))[:, None, None]
     eye = torch.eye(gram.shape[-1], dtype=gram.dtype, device=gram.device)
     # a non-finite system (e.g. a query whose softmax had no finite logit) must not reach LAPACK
     finite = torch.isfinite(gram).all(dim=(1, 2)) & torch.isfinite(rhs).all(dim=(1, 2)) & torch.isfinite(lam[:, 0, 0])
     a = torch.where(finite[:, None, None], gram + lam * eye, eye.expand_as(gram))
     b = torch.where(finite[:, None, None], rhs, torch.zeros_like(rhs))
     sol, solved = spd_solve(a, b)
-    delta = sol if t <= n else torch.nan_to_num(p32.double()).transpose(1, 2) @ sol
-    v0 = v0.double()
+    delta = sol if t <= n else torch.nan_to_num(p32).transpose(1, 2) @ sol
     c = v0 + delta
-    scale = prior.abs().amax(dim=(1, 2)).double().clamp_min(1e-6)
+    scale = prior.abs().amax(dim=(1, 2)).clamp_min(1e-6)
     ok = finite & solved & torch.isfinite(c).all(dim=(1, 2)) & (c.abs().amax(dim=(1, 2)) <= 1e3 * scale)
     c = torch.where(ok[:, None, None], c, v0)
     return c.float(), ok
@@ -213,30 +236,6 @@ def select_omp(
 
 
 REDUCTIONS = {"highest": "rms", "highest-max": "max", "highest-mean": "mean"}
-
-
-def span_key_scores(
-    q: torch.Tensor, k: torch.Tensor, scale: float, bias: torch.Tensor | None, reduce: str = "rms", chunk: int = 1024
-) -> torch.Tensor:
-    """Importance of every key of a long span under the span-wide softmax, computed chunk by chunk.
-
-    q (B, n, d), k (B, T, d), bias (B, T) -> (B, T) fp32: RMS (or max / mean) over queries of each
-    key's softmax weight among *all* T keys, so scores from different chunks are comparable.
-    """
-    total = k.shape[1]
-    lse = None
-    for a in range(0, total, chunk):
-        s = block_scores(q, k[:, a : a + chunk], scale, None if bias is None else bias[:, a : a + chunk])
-        part = torch.logsumexp(s, dim=-1)  # (B, n)
-        lse = part if lse is None else torch.logaddexp(lse, part)
-    scores = []
-    for a in range(0, total, chunk):
-        s = block_scores(q, k[:, a : a + chunk], scale, None if bias is None else bias[:, a : a + chunk])
-        scores.append(key_scores(torch.exp(s - lse[..., None]), reduce))  # global softmax weights
-    out = torch.cat(scores, dim=-1)
-    if bias is not None:
-        out = out.masked_fill(~torch.isfinite(bias), -1.0)
-    return out
 
 
 @dataclass
@@ -302,8 +301,9 @@ def attention_match(
     if idx_mask is not None:  # padded selections (rows of a batch keep different numbers of keys)
         rel_sel = rel_sel * idx_mask[:, None, :]
     ones = torch.ones_like(rel[..., 0])
+    count = None if idx_mask is None else idx_mask.sum(dim=-1)  # (B,) real entries of a padded selection
     if fit_beta:
-        w = fit_mass(rel_sel, ones, lo, hi, iters=beta_iters, ridge=beta_ridge)
+        w = fit_mass(rel_sel, ones, lo, hi, iters=beta_iters, ridge=beta_ridge, count=count)
     else:
         w = torch.ones(idx.shape, dtype=torch.float32, device=idx.device)
     beta = torch.log(w)
@@ -319,7 +319,7 @@ def attention_match(
         s_sel = s_sel.masked_fill(~idx_mask[:, None, :], NEG_INF)
     p = torch.softmax(s_sel + beta[:, None, :], dim=-1)  # (B, n, t)
     if fit_values_:
-        cv, ok = fit_values(p, o, prior, ridge)
+        cv, ok = fit_values(p, o, prior, ridge, count)
     else:
         cv, ok = prior, torch.ones(idx.shape[0], dtype=torch.bool, device=idx.device)
     out_err = (p @ cv).sub(o).norm(dim=(1, 2)) / o.norm(dim=(1, 2)).clamp_min(1e-12)

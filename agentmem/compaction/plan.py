@@ -18,6 +18,7 @@ from ..kv.layer import Block
 if TYPE_CHECKING:
     from ..kv.cache import CompactedCache
     from .queries import QuerySet
+    from .scores import SpanScores
 
 
 QUERY_CAP = 8192  # reference queries per KV head a method scores keys with (the default of every method)
@@ -45,9 +46,11 @@ class SpanRequest:
 
     layer: int
     heads: list[list[tuple[int, int, int]]]
-    # per KV head, budgets.entry_scores (max) of all its entries, kept when the global allocation
-    # computed them, so that a method ranking by the same scores (KVzip) need not compute them again
+    # per KV head, the max softmax weight of each of its entries (compaction/scores.py), kept when
+    # the method's or the global allocation's pass computed them, so that nothing computes them twice
     scores: dict[int, torch.Tensor] = field(default_factory=dict)
+    # per (head, start, end): the span ranking a method computed in the same pass (Attention Matching)
+    ranked: dict[tuple[int, int, int], SpanScores] = field(default_factory=dict)
 
     @property
     def span_entries(self) -> int:
@@ -68,15 +71,24 @@ class CompactionPlan:
 
 @dataclass
 class CompactionReport:
-    """What a method says about its work: notes (fallbacks) and fit errors per fitted block."""
+    """What a method says about its work: notes (fallbacks), fit errors per fitted block, seconds
+    per phase ("scores", "fits", ...) and the largest working set it held (bytes)."""
 
     notes: list[str] = field(default_factory=list)
     output_errors: list[float] = field(default_factory=list)
     mass_errors: list[float] = field(default_factory=list)
+    phases: dict[str, float] = field(default_factory=dict)
+    work_bytes: int = 0
+
+    def timed(self, phase: str, seconds: float) -> None:
+        self.phases[phase] = self.phases.get(phase, 0.0) + seconds
+
+    def held(self, nbytes: int) -> None:
+        self.work_bytes = max(self.work_bytes, int(nbytes))
 
 
 class Method(Protocol):
-    """Computes the replacement of one layer's spans. Must not modify the cache."""
+    """Computes the replacement of a plan's spans. Must not modify the cache."""
 
     name: str
     needs_queries: bool
@@ -86,3 +98,26 @@ class Method(Protocol):
     ) -> list[list[Replacement]]:
         """Per KV head, one ``(start, end, block)`` for each requested span, ``len(block) <= target``."""
         ...
+
+    def compact_all(
+        self, cache: CompactedCache, requests: list[SpanRequest], queries: QuerySet | None, report: CompactionReport
+    ) -> list[list[list[Replacement]]]:
+        """:meth:`compact` of every request (a method may batch work across layers)."""
+        ...
+
+    def prepare(self, cache: CompactedCache, requests: list[SpanRequest], queries: QuerySet) -> None:
+        """Before per-context head budgets are set: fill ``request.scores`` (and what else the
+        method will rank by) in one pass, so the allocation does not score the entries again."""
+        ...
+
+
+class LayerByLayer:
+    """For methods that compact one layer at a time and score nothing in advance."""
+
+    def compact_all(
+        self, cache: CompactedCache, requests: list[SpanRequest], queries: QuerySet | None, report: CompactionReport
+    ) -> list[list[list[Replacement]]]:
+        return [self.compact(cache, r, queries, report) for r in requests]
+
+    def prepare(self, cache: CompactedCache, requests: list[SpanRequest], queries: QuerySet) -> None:
+        return None

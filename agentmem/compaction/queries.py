@@ -32,6 +32,10 @@ class QuerySet:
     per_layer: dict[int, torch.Tensor] = field(default_factory=dict)
     positions: dict[int, torch.Tensor] = field(default_factory=dict)
 
+    @property
+    def nbytes(self) -> int:
+        return sum(q.numel() * q.element_size() for q in self.per_layer.values())
+
     def _keep(self, layer: int, rows: int, cap: int, seed: int) -> torch.Tensor | None:
         if rows <= cap:
             return None

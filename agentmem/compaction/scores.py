@@ -1,20 +1,131 @@
 """Per-entry attention scores: the softmax weight each stored entry gets from reference queries.
 
-Shared by the scored-eviction baselines (ranking within a head) and the global head budgets
-(ranking across heads and layers): scores come from the head's *full* softmax (all its entries,
-beta included), so scores of different heads are comparable.
+One pass of a KV head's reference queries over its entries (:func:`head_pass`) gives everything a
+compaction ranks by, from the same softmax weights:
+
+* ``entry``: each entry's largest (or summed) weight under the head's *full* softmax (all its
+  entries, beta included), so that scores of different heads are comparable -- the global head
+  budgets (ranking across heads and layers) and the scored-eviction baselines use it;
+* per span: each entry's RMS / max / mean weight under the span's *own* softmax (the span-wide
+  ranking of Attention Matching's key selection) and each query's share of attention on each chunk
+  of the span (which queries fit which chunk).
+
+The queries are taken a block at a time so the working set is a few MiB whatever the context
+(``work_bytes``), never the n x L matrix of all scores.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
 
+from ..units import MiB
+
 if TYPE_CHECKING:
     from ..kv.cache import CompactedCache
 
-_QUERY_BLOCK = 1024  # queries scored at a time (memory: block x head length fp32)
+WORK_BYTES = 16 * MiB  # fp32 scores of one block of queries over the head's entries
+_TINY_MASS = 1e-30  # a query whose weight on a span underflowed: its span softmax is recomputed
+
+
+@dataclass
+class SpanScores:
+    """Scores of span [start, end) of one head: ``keys`` (T,) fp32 under the span's own softmax
+    (-1 where the entry's beta is -inf) and ``shares`` (chunks, n) each query's attention share on
+    each chunk of the span (rows sum to 1 over chunks)."""
+
+    start: int
+    end: int
+    keys: torch.Tensor
+    shares: torch.Tensor
+
+
+def head_pass(
+    k: torch.Tensor,
+    beta: torch.Tensor,
+    q: torch.Tensor,
+    scale: float,
+    entry: str | None = "max",
+    spans: list[tuple[int, int, list[int]]] = (),
+    span_reduce: str = "rms",
+    q_pos: torch.Tensor | None = None,
+    k_pos: torch.Tensor | None = None,
+    dtype: torch.dtype = torch.float32,
+    work_bytes: int = WORK_BYTES,
+) -> tuple[torch.Tensor | None, list[SpanScores]]:
+    """One pass of queries q (n, d) over one head's entries k (L, d) with bias beta (L,) fp32.
+
+    ``entry``: "max" or "sum" of each entry's weight under the full softmax -> (L,) (None: skip).
+    ``spans``: (start, end, chunk edges start < e_1 < ... < end) -> one :class:`SpanScores` each,
+    reduced by ``span_reduce`` ("rms", "max" or "mean") over the queries. ``q_pos`` (n,) with
+    ``k_pos`` (L,): causal, a query sees only entries at positions <= its own (a query that sees
+    nothing adds nothing). ``dtype``: of the q k products (bf16 for a fast ranking); fp32 out.
+    """
+    if span_reduce not in ("rms", "max", "mean"):
+        raise ValueError(f"unknown score reduction {span_reduce!r}: use 'rms', 'max' or 'mean'")
+    n, length = q.shape[0], k.shape[0]
+    kt = k.to(dtype).T  # (d, L)
+    bias = beta.float()[None, :]  # (1, L)
+    entry_out = torch.zeros(length, device=k.device) if entry else None
+    acc = [torch.zeros(e - s, device=k.device) for s, e, _ in spans]
+    shares = [torch.empty(len(edges) - 1, n, device=k.device) for _, _, edges in spans]
+    block = max(1, min(n, work_bytes // max(1, 4 * length)))
+    for a in range(0, n, block):
+        qb = q[a : a + block].to(dtype)
+        if dtype == torch.float32:
+            s = torch.addmm(bias, qb, kt, alpha=scale)  # (b, L)
+        else:  # bf16 products, fp32 logits
+            s = (qb @ kt).float().mul_(scale).add_(bias)
+        if q_pos is not None:  # causal
+            s.masked_fill_(k_pos[None, :] > q_pos[a : a + block, None].to(k.device), float("-inf"))
+        w = torch.softmax(s, dim=-1).nan_to_num_(0.0)  # (b, L); a fully masked row is NaN: no weight
+        if entry == "max":
+            entry_out = torch.maximum(entry_out, w.amax(dim=0))
+        elif entry == "sum":
+            entry_out += w.sum(dim=0)
+        # the span's own softmax is w[:, span] / mass: reductions over queries as products with 1 / mass
+        inv = []
+        for i, (start, end, edges) in enumerate(spans):
+            ws = w[:, start:end]
+            mass = ws.sum(dim=-1)  # (b,) the span's share of each query's attention
+            low = mass < _TINY_MASS  # underflowed in the full softmax: that query's span softmax is recomputed
+            inv_m = torch.where(low, 0.0, 1.0 / mass.clamp_min(_TINY_MASS))
+            rel_low = torch.softmax(s[low, start:end], dim=-1).nan_to_num_(0.0) if bool(low.any()) else None
+            for c in range(len(edges) - 1):
+                part = ws[:, edges[c] - start : edges[c + 1] - start].sum(dim=-1) * inv_m
+                if rel_low is not None:
+                    part[low] = rel_low[:, edges[c] - start : edges[c + 1] - start].sum(dim=-1)
+                shares[i][c, a : a + block] = part
+            if span_reduce == "max":
+                acc[i] = torch.maximum(acc[i], (ws * inv_m[:, None]).amax(dim=0))
+            elif span_reduce == "mean":
+                acc[i] += inv_m @ ws
+            if rel_low is not None:
+                acc[i] = _reduce_into(acc[i], rel_low, span_reduce)
+            inv.append(inv_m)
+        if span_reduce == "rms" and spans:
+            w.square_()  # w is not needed any more
+            for i, (start, end, _) in enumerate(spans):
+                acc[i] += inv[i].square() @ w[:, start:end]
+    out = []
+    for i, (start, end, _) in enumerate(spans):
+        keys = acc[i]
+        if span_reduce == "rms":
+            keys = keys.div_(max(n, 1)).sqrt_()
+        elif span_reduce == "mean":
+            keys = keys.div_(max(n, 1))
+        keys = keys.masked_fill(~torch.isfinite(beta[start:end]), -1.0)
+        out.append(SpanScores(start, end, keys, shares[i]))
+    return entry_out, out
+
+
+def _reduce_into(acc: torch.Tensor, rel: torch.Tensor, reduce: str) -> torch.Tensor:
+    """Add rows of span softmax weights rel (b, T) into a running reduction (T,) over queries."""
+    if reduce == "max":
+        return torch.maximum(acc, rel.amax(dim=0))
+    return acc + (rel.square() if reduce == "rms" else rel).sum(dim=0)
 
 
 def entry_scores(
@@ -27,19 +138,11 @@ def entry_scores(
 ) -> torch.Tensor:
     """Softmax weight each entry of head h gets from queries q (n, d), under the head's full
     softmax (all its entries, beta included): the largest (``reduce="max"``) or the sum over the
-    queries (``"sum"``). With ``q_pos`` (n,), a query sees only entries at positions <= its own
-    (causal; a query that sees nothing adds nothing). Returns (L_h,) fp32."""
+    queries (``"sum"``). With ``q_pos`` (n,), causal (see :func:`head_pass`). Returns (L_h,) fp32."""
     layer = cache.layers[layer_idx]
     n_entries = layer.lengths[h]
     k = layer.head("k", h)[:n_entries].float()  # (L, d)
     beta = layer.head("beta", h)[:n_entries].float()  # (L,)
-    k_pos = layer.head("pos", h)[:n_entries].to(torch.long)  # (L,)
-    scale = cache.spec.scaling[layer_idx]
-    out = torch.zeros(n_entries, device=k.device)
-    for a in range(0, q.shape[0], _QUERY_BLOCK):
-        s = torch.addmm(beta[None, :], q[a : a + _QUERY_BLOCK].float(), k.T, alpha=scale)  # (b, L)
-        if q_pos is not None:
-            s.masked_fill_(k_pos[None, :] > q_pos[a : a + _QUERY_BLOCK, None].to(k.device), float("-inf"))
-        w = torch.softmax(s, dim=-1).nan_to_num_(0.0)  # a fully masked row is NaN: no weight
-        out = torch.maximum(out, w.amax(dim=0)) if reduce == "max" else out + w.sum(dim=0)
+    k_pos = layer.head("pos", h)[:n_entries].to(torch.long) if q_pos is not None else None
+    out, _ = head_pass(k, beta, q.float(), cache.spec.scaling[layer_idx], reduce, q_pos=q_pos, k_pos=k_pos)
     return out

@@ -152,11 +152,13 @@ def global_targets(
     total = 0
     stacked: dict[int, torch.Tensor] = {}  # layer -> (H_kv, n, d), built once per layer
     for i, (r, h) in enumerate(pairs):
-        layer = cache.layers[r.layer]
-        if r.layer not in stacked:
-            stacked[r.layer] = queries.for_kv_heads(r.layer, layer.num_heads, query_cap).to(layer.device)
-        s = entry_scores(cache, r.layer, h, stacked[r.layer][h])
-        r.scores[h] = s
+        s = r.scores.get(h)  # the method's own pass may have scored them (AttentionMatching.prepare)
+        if s is None:
+            layer = cache.layers[r.layer]
+            if r.layer not in stacked:
+                stacked[r.layer] = queries.for_kv_heads(r.layer, layer.num_heads, query_cap).to(layer.device)
+            s = entry_scores(cache, r.layer, h, stacked[r.layer][h])
+            r.scores[h] = s
         idx = torch.cat([torch.arange(a, b, device=s.device) for a, b, _ in r.heads[h]] or [s.new_zeros(0).long()])
         scores.append(s[idx].cpu())
         owner.append(torch.full((idx.numel(),), i, dtype=torch.long))

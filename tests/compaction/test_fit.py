@@ -7,7 +7,8 @@ import math
 import pytest
 import torch
 
-from agentmem.compaction.fit import attention_match, block_scores, key_scores, span_key_scores
+from agentmem.compaction.fit import attention_match, block_scores, key_scores
+from agentmem.compaction.scores import head_pass
 
 SCALE = 1 / math.sqrt(16)
 
@@ -117,15 +118,39 @@ def test_too_few_keys_is_an_error():
         attention_match(q, k, v, t=4, scale=SCALE, bias=bias)
 
 
-def test_span_scores_match_one_softmax_over_the_span():
-    """Chunked span-wide scores equal the scores of one softmax over all keys."""
-    q, k, v = synthetic(b=2, n=16, T=40)
-    bias = torch.randn(2, 40)
-    bias[1, 35:] = float("-inf")
-    s = block_scores(q, k, SCALE, bias)
-    want = key_scores(torch.softmax(s, -1), "rms").masked_fill(~torch.isfinite(bias), -1.0)
+def test_one_pass_scores_match_softmaxes_over_the_head_and_over_each_span():
+    """head_pass, a few queries at a time over the whole head, gives each span's ranking as one
+    softmax over that span alone, each query's share per chunk, and the full-softmax max weights;
+    a span whose weights underflow in the full softmax still gets its own softmax."""
+    q, k, _ = synthetic(b=1, n=16, T=40)
+    q, k = q[0], k[0]
+    beta = torch.randn(40)
+    beta[37:] = float("-inf")
+    beta[30:34] = -200.0  # far below the rest: their full-softmax weights underflow to 0
+    s = block_scores(q[None], k[None], SCALE, beta[None])[0]  # (n, T)
+    spans = [(2, 20, [2, 9, 20]), (25, 40, [25, 40]), (30, 34, [30, 34])]
     for reduce in ("rms", "max", "mean"):
-        got = span_key_scores(q, k, SCALE, bias, reduce, chunk=7)
-        ref = key_scores(torch.softmax(s, -1), reduce).masked_fill(~torch.isfinite(bias), -1.0)
-        torch.testing.assert_close(got, ref, atol=1e-6, rtol=1e-5)
-    torch.testing.assert_close(span_key_scores(q, k, SCALE, bias, "rms", chunk=40), want, atol=1e-6, rtol=1e-5)
+        entry, ranked = head_pass(k, beta, q, SCALE, "max", spans, reduce, work_bytes=3 * 4 * 40)  # 3 queries a block
+        torch.testing.assert_close(entry, torch.softmax(s, -1).amax(0))
+        for (start, end, edges), got in zip(spans, ranked):
+            w = torch.softmax(s[:, start:end], -1)
+            want = key_scores(w[None], reduce)[0].masked_fill(~torch.isfinite(beta[start:end]), -1.0)
+            torch.testing.assert_close(got.keys, want, atol=1e-6, rtol=1e-5)
+            shares = torch.stack([w[:, a - start : b - start].sum(-1) for a, b in zip(edges, edges[1:])])
+            torch.testing.assert_close(got.shares, shares, atol=1e-6, rtol=1e-5)
+    total, _ = head_pass(k, beta, q, SCALE, "sum", work_bytes=5 * 4 * 40)
+    torch.testing.assert_close(total, torch.softmax(s, -1).sum(0))
+
+
+def test_a_padded_selection_fits_as_it_would_alone():
+    """A block's fit does not depend on its batch: padding its selection to a batch-mate's longer
+    one (masked entries) gives the same beta and values as fitting it alone."""
+    q, k, v = synthetic(b=2, n=32, T=40)
+    idx = torch.stack([torch.arange(0, 40, 4), torch.arange(0, 40, 2)[:10]])  # targets 10 and 10
+    alone = attention_match(q[:1], k[:1], v[:1], 6, SCALE, idx=idx[:1, :6], ridge=1.0, beta_ridge=1e-2)
+    padded_idx = torch.stack([torch.cat([idx[0, :6], torch.zeros(4, dtype=torch.long)]), idx[1]])
+    mask = torch.ones(2, 10, dtype=torch.bool)
+    mask[0, 6:] = False
+    both = attention_match(q, k, v, 10, SCALE, idx=padded_idx, idx_mask=mask, ridge=1.0, beta_ridge=1e-2)
+    torch.testing.assert_close(both.beta[0, :6], alone.beta[0], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(both.values[0, :6], alone.values[0], atol=1e-5, rtol=1e-5)

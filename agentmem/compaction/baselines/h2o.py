@@ -5,14 +5,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ...kv.cache import CompactedCache
-from ..plan import QUERY_CAP, CompactionReport, Replacement, SpanRequest
+from ..plan import QUERY_CAP, CompactionReport, LayerByLayer, Replacement, SpanRequest
 from ..queries import QuerySet
 from ..scores import entry_scores
 from .scored import evict, head_queries
 
 
 @dataclass
-class H2O:
+class H2O(LayerByLayer):
     """H2O (Zhang et al., "H2O: Heavy-Hitter Oracle for Efficient Generative Inference of Large
     Language Models", arXiv 2306.14048). An entry's score is the attention it has accumulated:
     the sum, over the queries the model has computed, of its softmax weight, each query seeing only

@@ -5,14 +5,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ...kv.cache import CompactedCache
-from ..plan import QUERY_CAP, CompactionReport, Replacement, SpanRequest
+from ..plan import QUERY_CAP, CompactionReport, LayerByLayer, Replacement, SpanRequest
 from ..queries import QuerySet
 from ..scores import entry_scores
 from .scored import evict, head_queries
 
 
 @dataclass
-class KVzip:
+class KVzip(LayerByLayer):
     """KVzip (Kim et al., "KVzip: Query-Agnostic KV Cache Compression with Context
     Reconstruction", arXiv 2505.23416). The model is asked to repeat the context; each entry's
     score is the largest softmax weight any query of that repetition gives it. Entries are kept

@@ -7,14 +7,14 @@ from dataclasses import dataclass
 import torch.nn.functional as F
 
 from ...kv.cache import CompactedCache
-from ..plan import QUERY_CAP, CompactionReport, Replacement, SpanRequest
+from ..plan import QUERY_CAP, CompactionReport, LayerByLayer, Replacement, SpanRequest
 from ..queries import QuerySet
 from ..scores import entry_scores
 from .scored import evict, head_queries
 
 
 @dataclass
-class SnapKV:
+class SnapKV(LayerByLayer):
     """SnapKV (Li et al., "SnapKV: LLM Knows What You are Looking for Before Generation",
     arXiv 2404.14469). Each entry's score is the attention the observation window -- the newest
     ``window`` queries, all query heads of the GQA group -- gives it (summed), max-pooled over

@@ -5,12 +5,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ...kv.cache import CompactedCache
-from ..plan import CompactionReport, Replacement, SpanRequest
+from ..plan import CompactionReport, LayerByLayer, Replacement, SpanRequest
 from ..queries import QuerySet
 
 
 @dataclass
-class WindowEviction:
+class WindowEviction(LayerByLayer):
     """StreamingLLM (Xiao et al., "Efficient Streaming Language Models with Attention Sinks",
     arXiv 2309.17453). The policy chooses the spans (everything between the protected sinks and
     the recent window); this method drops them: for each KV head, slots [start, end) -> nothing.
