@@ -275,6 +275,7 @@ class Engine:
             for g in range(0, len(layers), size):
                 part = set(layers[g : g + size])
                 sub = CompactionPlan(plan.reason, [r for r in plan.requests if r.layer in part], plan.queries)
+                sub.query_tokens, sub.query_dtype = plan.query_tokens, plan.query_dtype
                 t0 = time.perf_counter()
                 queries, notes = self.queries(cache, sub, source)
                 events.append(execute_plan(cache, sub, method, name, queries))
@@ -301,12 +302,14 @@ class Engine:
     def queries(self, cache: CompactedCache, plan: CompactionPlan, source: str) -> tuple[QuerySet, list[str]]:
         notes = []
         if source == "repeat-prefill":
-            qs = reference.repeat_prefill(self, cache, plan)
+            dtype = reference.pass_dtype(plan.query_dtype, cache.device, self.loaded.dtype)
+            qs = reference.repeat_prefill(self, cache, plan, max_tokens=plan.query_tokens, dtype=dtype)
             if qs is not None:
                 return qs, notes
             notes.append("no room in the budget for a repeat-prefill pass; used buffered queries")
         elif source == "self-study":
-            qs = reference.self_study(self, cache)
+            dtype = reference.pass_dtype(plan.query_dtype, cache.device, self.loaded.dtype)
+            qs = reference.self_study(self, cache, dtype=dtype)
             if qs is not None:
                 return qs, notes
             notes.append("no room in the budget for self-study; used buffered queries")

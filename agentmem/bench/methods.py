@@ -18,6 +18,7 @@ HEADLINE: dict[str, Method] = {
     "kvzip": ("kvzip", {}, "KVzip-style: max attention from a repeat-prefill pass, global top-k over heads"),
     "am-uniform": ("am-halve-uniform", {}, "Attention Matching, repeat-prefill queries, uniform head budgets"),
     "am": ("am-halve", {}, "Attention Matching, repeat-prefill queries, global head budgets (the default)"),
+    "am-fast": ("am-fast", {}, "AM preset: the last 256 queries read (no extra pass), smaller fits, global budgets"),
 }
 ABLATIONS: dict[str, Method] = {
     "window": ("streaming", {"method": "window"}, "4 sinks + most recent tokens (StreamingLLM)"),

@@ -95,44 +95,72 @@ class AttentionMatching:
         layer = cache.layers[layer_idx]
         return queries.for_kv_heads(layer_idx, layer.num_heads, self.query_cap, self.seed).to(layer.device)
 
-    def _score_head(self, cache: CompactedCache, request: SpanRequest, q: torch.Tensor, h: int, entry: bool) -> int:
-        """One pass of head h's queries over its entries (compaction/scores.py): the span rankings
-        (``request.ranked``) and, with ``entry``, the entries' max weights (``request.scores``).
-        Returns the bytes of scores it held at once."""
-        layer = cache.layers[request.layer]
-        length = layer.lengths[h]
-        spans = []
-        if self._ranks():
-            for start, end, _ in request.heads[h]:
-                if end > start:
-                    edges = [cs for cs, _, _ in split_chunks(start, end, 0, self.chunk)] + [end]
-                    spans.append((start, end, edges))
-        if not spans and not entry:
-            return 0
-        scores, ranked = head_pass(
-            layer.head("k", h)[:length],
-            layer.head("beta", h)[:length],
-            q[h],
-            cache.spec.scaling[request.layer],
-            "max" if entry else None,
-            spans,
-            REDUCTIONS.get(self.selection, "rms"),
-            dtype=_selection_dtype(self.selection_dtype, layer.device),
-        )
-        if entry:
-            request.scores[h] = scores
-        for sc in ranked:
-            request.ranked[(h, sc.start, sc.end)] = sc
-        return 2 * 4 * length * min(q.shape[1], max(1, WORK_BYTES // max(1, 4 * length)))
+    def _rank_spans(self, request: SpanRequest, h: int) -> list[tuple[int, int, list[int]]]:
+        """Head h's spans to rank, with their chunk edges (none unless keys are ranked span-wide)."""
+        if not self._ranks():
+            return []
+        return [
+            (start, end, [cs for cs, _, _ in split_chunks(start, end, 0, self.chunk)] + [end])
+            for start, end, _ in request.heads[h]
+            if end > start
+        ]
+
+    def _score(
+        self,
+        cache: CompactedCache,
+        requests: list[SpanRequest],
+        qs: list[torch.Tensor],
+        pairs: list[tuple[int, int]],
+        entry: bool,
+        report: CompactionReport | None = None,
+    ) -> None:
+        """One pass of each (request, head)'s queries over its entries (compaction/scores.py): the
+        span rankings (``request.ranked``) and, with ``entry``, the entries' max weights
+        (``request.scores``). Heads of one length, spans and query count -- across layers -- go in
+        one batched call, as many as fit in the working memory of the pass."""
+        groups: dict[tuple, list[tuple[int, int, list]]] = {}
+        for r, h in pairs:
+            request = requests[r]
+            spans = self._rank_spans(request, h)
+            if spans or entry:
+                length = cache.layers[request.layer].lengths[h]
+                key = (length, tuple((a, b) for a, b, _ in spans), qs[r].shape[1], cache.spec.scaling[request.layer])
+                groups.setdefault(key, []).append((r, h, spans))
+        for (length, _, n, scale), members in groups.items():
+            d = qs[members[0][0]].shape[-1]
+            # the stacked keys and queries of a batch fit the working memory, and so do the logits of
+            # >= 1024 queries of each head (long heads go alone: a batch buys them nothing)
+            size = max(1, WORK_BYTES // (4 * max(d * (length + n), 1024 * length)))
+            for a in range(0, len(members), size):
+                batch = members[a : a + size]
+                layers = [cache.layers[requests[r].layer] for r, _, _ in batch]
+                k = torch.stack([layer.head("k", h)[:length] for layer, (_, h, _) in zip(layers, batch)])
+                beta = torch.stack([layer.head("beta", h)[:length] for layer, (_, h, _) in zip(layers, batch)])
+                q = torch.stack([qs[r][h] for r, h, _ in batch])
+                scores, ranked = head_pass(
+                    k,
+                    beta,
+                    q,
+                    scale,
+                    "max" if entry else None,
+                    batch[0][2],
+                    REDUCTIONS.get(self.selection, "rms"),
+                    dtype=_selection_dtype(self.selection_dtype, k.device),
+                )
+                if report is not None:
+                    report.held(4 * len(batch) * (d * (length + n) + 2 * length * min(n, WORK_BYTES // (4 * length))))
+                for b, (r, h, _) in enumerate(batch):
+                    if entry:
+                        requests[r].scores[h] = scores[b]
+                    for sc in ranked[b]:
+                        requests[r].ranked[(h, sc.start, sc.end)] = sc
 
     def prepare(self, cache: CompactedCache, requests: list[SpanRequest], queries: QuerySet) -> None:
         """Score every requested head in one pass before the global head budgets are set: the
         allocation reads ``request.scores``, the key selection later reads ``request.ranked``."""
-        for request in requests:
-            if request.layer in queries.per_layer:
-                q = self._queries(cache, queries, request.layer)
-                for h in range(len(request.heads)):
-                    self._score_head(cache, request, q, h, entry=True)
+        scored = [r for r in requests if r.layer in queries.per_layer]
+        qs = [self._queries(cache, queries, r.layer) for r in scored]
+        self._score(cache, scored, qs, [(i, h) for i, r in enumerate(scored) for h in range(len(r.heads))], True)
 
     def _chunks(self, request: SpanRequest, h: int, start: int, end: int, target: int) -> list[Chunk]:
         """Split one span into chunks, each with its own target (and, span-wide, its selected keys).
@@ -169,18 +197,22 @@ class AttentionMatching:
         layers -- in a few batched calls of at most ``work_bytes`` of logits each."""
         t0 = time.perf_counter()
         jobs: dict[tuple, list[FitJob]] = {}  # by (length, target bucket, fit rows, scale): one shape per batch
-        plans, qs = [], []
+        qs = [self._queries(cache, queries, request.layer) for request in requests]
+        unranked = [
+            (r, h)
+            for r, request in enumerate(requests)
+            for h, spans in enumerate(request.heads)
+            if self._ranks() and any(0 < t < e - s and (h, s, e) not in request.ranked for s, e, t in spans)
+        ]
+        self._score(cache, requests, qs, unranked, False, report)
+        plans = []
         for r, request in enumerate(requests):
-            q = self._queries(cache, queries, request.layer)
-            qs.append(q)
+            q = qs[r]
             # the fits cost n t^2: when a chunk gives no better choice, they use a random subset of queries
             g = torch.Generator().manual_seed(self.seed * 7919 + request.layer)
             random_rows = torch.randperm(q.shape[1], generator=g)[: self.fit_query_cap].sort().values.to(q.device)
             head_plan = []
             for h, spans in enumerate(request.heads):
-                if self._ranks() and any(0 < t < e - s for s, e, t in spans):
-                    if any((h, s, e) not in request.ranked for s, e, t in spans if 0 < t < e - s):
-                        report.held(self._score_head(cache, request, q, h, entry=False))
                 chunks_of = []
                 for start, end, target in spans:
                     chunks = self._chunks(request, h, start, end, target) if end > start else []

@@ -67,6 +67,8 @@ class CompactionPlan:
     requests: list[SpanRequest] = field(default_factory=list)
     queries: str | None = None  # the query source the method needs (None: it needs none)
     budgets: str | None = None  # per-head targets still to be set from the queries ("global", "profile+global")
+    query_tokens: int = 2048  # the most tokens of text a repeat-prefill pass repeats for queries
+    query_dtype: str = "auto"  # products of a scratch query pass (compaction/reference.py pass_dtype)
 
 
 @dataclass

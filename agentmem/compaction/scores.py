@@ -54,78 +54,87 @@ def head_pass(
     k_pos: torch.Tensor | None = None,
     dtype: torch.dtype = torch.float32,
     work_bytes: int = WORK_BYTES,
-) -> tuple[torch.Tensor | None, list[SpanScores]]:
-    """One pass of queries q (n, d) over one head's entries k (L, d) with bias beta (L,) fp32.
+) -> tuple[torch.Tensor | None, list[list[SpanScores]]]:
+    """One pass of queries q (B, n, d) over B heads' entries k (B, L, d) with bias beta (B, L) fp32.
 
-    ``entry``: "max" or "sum" of each entry's weight under the full softmax -> (L,) (None: skip).
-    ``spans``: (start, end, chunk edges start < e_1 < ... < end) -> one :class:`SpanScores` each,
-    reduced by ``span_reduce`` ("rms", "max" or "mean") over the queries. ``q_pos`` (n,) with
-    ``k_pos`` (L,): causal, a query sees only entries at positions <= its own (a query that sees
-    nothing adds nothing). ``dtype``: of the q k products (bf16 for a fast ranking); fp32 out.
+    ``entry``: "max" or "sum" of each entry's weight under the full softmax -> (B, L) (None: skip).
+    ``spans`` (the same for every head): (start, end, chunk edges start < e_1 < ... < end) -> per
+    head, one :class:`SpanScores` each, reduced by ``span_reduce`` ("rms", "max" or "mean") over
+    the queries. ``q_pos`` (n,) with ``k_pos`` (B, L): causal, a query sees only entries at
+    positions <= its own (a query that sees nothing adds nothing). ``dtype``: of the q k products
+    (bf16 for a fast ranking); fp32 out. Queries go a block at a time: B x block x L fp32 logits
+    fit in ``work_bytes``.
     """
     if span_reduce not in ("rms", "max", "mean"):
         raise ValueError(f"unknown score reduction {span_reduce!r}: use 'rms', 'max' or 'mean'")
-    n, length = q.shape[0], k.shape[0]
-    kt = k.to(dtype).T  # (d, L)
-    bias = beta.float()[None, :]  # (1, L)
-    entry_out = torch.zeros(length, device=k.device) if entry else None
-    acc = [torch.zeros(e - s, device=k.device) for s, e, _ in spans]
-    shares = [torch.empty(len(edges) - 1, n, device=k.device) for _, _, edges in spans]
-    block = max(1, min(n, work_bytes // max(1, 4 * length)))
+    heads, n, length = q.shape[0], q.shape[1], k.shape[1]
+    dev = k.device
+    kt = k.to(dtype).transpose(1, 2)  # (B, d, L)
+    bias = beta.float()[:, None, :]  # (B, 1, L)
+    entry_out = torch.zeros(heads, length, device=dev) if entry else None
+    acc = [torch.zeros(heads, e - s, device=dev) for s, e, _ in spans]
+    shares = [torch.empty(heads, len(edges) - 1, n, device=dev) for _, _, edges in spans]
+    block = max(1, min(n, work_bytes // max(1, 4 * heads * length)))
     for a in range(0, n, block):
-        qb = q[a : a + block].to(dtype)
+        qb = q[:, a : a + block].to(dtype)
         if dtype == torch.float32:
-            s = torch.addmm(bias, qb, kt, alpha=scale)  # (b, L)
+            s = torch.baddbmm(bias, qb, kt, alpha=scale)  # (B, b, L)
         else:  # bf16 products, fp32 logits
-            s = (qb @ kt).float().mul_(scale).add_(bias)
+            s = torch.bmm(qb, kt).float().mul_(scale).add_(bias)
         if q_pos is not None:  # causal
-            s.masked_fill_(k_pos[None, :] > q_pos[a : a + block, None].to(k.device), float("-inf"))
-        w = torch.softmax(s, dim=-1).nan_to_num_(0.0)  # (b, L); a fully masked row is NaN: no weight
+            s.masked_fill_(k_pos[:, None, :] > q_pos[None, a : a + block, None].to(dev), float("-inf"))
+        w = torch.softmax(s, dim=-1).nan_to_num_(0.0)  # (B, b, L); a fully masked row is NaN: no weight
         if entry == "max":
-            entry_out = torch.maximum(entry_out, w.amax(dim=0))
+            entry_out = torch.maximum(entry_out, w.amax(dim=1))
         elif entry == "sum":
-            entry_out += w.sum(dim=0)
-        # the span's own softmax is w[:, span] / mass: reductions over queries as products with 1 / mass
+            entry_out += w.sum(dim=1)
+        # the span's own softmax is w[..., span] / mass: reductions over queries as products with 1 / mass
         inv = []
         for i, (start, end, edges) in enumerate(spans):
-            ws = w[:, start:end]
-            mass = ws.sum(dim=-1)  # (b,) the span's share of each query's attention
+            ws = w[:, :, start:end]
+            mass = ws.sum(dim=-1)  # (B, b) the span's share of each query's attention
             low = mass < _TINY_MASS  # underflowed in the full softmax: that query's span softmax is recomputed
             inv_m = torch.where(low, 0.0, 1.0 / mass.clamp_min(_TINY_MASS))
-            rel_low = torch.softmax(s[low, start:end], dim=-1).nan_to_num_(0.0) if bool(low.any()) else None
+            rel_low = torch.softmax(s[low][:, start:end], dim=-1).nan_to_num_(0.0) if bool(low.any()) else None
             for c in range(len(edges) - 1):
-                part = ws[:, edges[c] - start : edges[c + 1] - start].sum(dim=-1) * inv_m
+                part = ws[:, :, edges[c] - start : edges[c + 1] - start].sum(dim=-1) * inv_m  # (B, b)
                 if rel_low is not None:
                     part[low] = rel_low[:, edges[c] - start : edges[c + 1] - start].sum(dim=-1)
-                shares[i][c, a : a + block] = part
+                shares[i][:, c, a : a + block] = part
             if span_reduce == "max":
-                acc[i] = torch.maximum(acc[i], (ws * inv_m[:, None]).amax(dim=0))
+                acc[i] = torch.maximum(acc[i], (ws * inv_m[..., None]).amax(dim=1))
             elif span_reduce == "mean":
-                acc[i] += inv_m @ ws
-            if rel_low is not None:
-                acc[i] = _reduce_into(acc[i], rel_low, span_reduce)
+                acc[i] += torch.bmm(inv_m[:, None, :], ws)[:, 0]
+            if rel_low is not None:  # rows of the heads they belong to
+                owner = low.nonzero()[:, 0]
+                acc[i] = _reduce_into(acc[i], rel_low, owner, span_reduce)
             inv.append(inv_m)
         if span_reduce == "rms" and spans:
             w.square_()  # w is not needed any more
             for i, (start, end, _) in enumerate(spans):
-                acc[i] += inv[i].square() @ w[:, start:end]
-    out = []
+                acc[i] += torch.bmm(inv[i].square()[:, None, :], w[:, :, start:end])[:, 0]
+    out: list[list[SpanScores]] = [[] for _ in range(heads)]
     for i, (start, end, _) in enumerate(spans):
         keys = acc[i]
         if span_reduce == "rms":
             keys = keys.div_(max(n, 1)).sqrt_()
         elif span_reduce == "mean":
             keys = keys.div_(max(n, 1))
-        keys = keys.masked_fill(~torch.isfinite(beta[start:end]), -1.0)
-        out.append(SpanScores(start, end, keys, shares[i]))
+        keys = keys.masked_fill(~torch.isfinite(beta[:, start:end]), -1.0)
+        for b in range(heads):
+            out[b].append(SpanScores(start, end, keys[b], shares[i][b]))
     return entry_out, out
 
 
-def _reduce_into(acc: torch.Tensor, rel: torch.Tensor, reduce: str) -> torch.Tensor:
-    """Add rows of span softmax weights rel (b, T) into a running reduction (T,) over queries."""
-    if reduce == "max":
-        return torch.maximum(acc, rel.amax(dim=0))
-    return acc + (rel.square() if reduce == "rms" else rel).sum(dim=0)
+def _reduce_into(acc: torch.Tensor, rel: torch.Tensor, owner: torch.Tensor, reduce: str) -> torch.Tensor:
+    """Add rows of span softmax weights rel (r, T), row i of head owner[i], into a running
+    reduction (B, T) over queries."""
+    if reduce == "max":  # rare (underflowed rows): a loop over the heads concerned
+        acc = acc.clone()
+        for b in owner.unique().tolist():
+            acc[b] = torch.maximum(acc[b], rel[owner == b].amax(dim=0))
+        return acc
+    return acc.index_add(0, owner, rel.square() if reduce == "rms" else rel)
 
 
 def entry_scores(
@@ -143,6 +152,8 @@ def entry_scores(
     n_entries = layer.lengths[h]
     k = layer.head("k", h)[:n_entries].float()  # (L, d)
     beta = layer.head("beta", h)[:n_entries].float()  # (L,)
-    k_pos = layer.head("pos", h)[:n_entries].to(torch.long) if q_pos is not None else None
-    out, _ = head_pass(k, beta, q.float(), cache.spec.scaling[layer_idx], reduce, q_pos=q_pos, k_pos=k_pos)
-    return out
+    k_pos = layer.head("pos", h)[:n_entries].to(torch.long)[None] if q_pos is not None else None
+    out, _ = head_pass(
+        k[None], beta[None], q.float()[None], cache.spec.scaling[layer_idx], reduce, q_pos=q_pos, k_pos=k_pos
+    )
+    return out[0]

@@ -155,8 +155,8 @@ def _head_bias(layer, cache, h: int, n: int, length: int) -> torch.Tensor | None
     window = layer.sliding_window
     q_last = cache.step_first_pos + n - 1
     out_of_window = window is not None and layer.min_pos is not None and q_last - layer.min_pos >= window
-    if not layer.has_beta and not out_of_window and n == 1:
-        return None
+    if n == 1 and not out_of_window:  # a decode step: the head's beta as it is stored (a view)
+        return layer.head("beta", h)[None, :length] if layer.has_beta else None
     dev = layer.device
     bias = torch.zeros(n, length, dtype=torch.float32, device=dev)
     if layer.has_beta:

@@ -232,6 +232,7 @@ class SpanPolicy(Policy):
         self, plan: CompactionPlan, cache: CompactedCache, mode: str, max_keep: float = 1.0
     ) -> CompactionPlan:
         """Per-head targets: profile shares now; per-context (global) ones once queries exist."""
+        plan.query_tokens, plan.query_dtype = self.config.query_tokens, self.config.query_dtype
         if mode == "profile" and self.profile is not None:
             retarget(plan, cache, self.profile.weights(), self.config.head_floor, max_keep)
         elif mode in ("global", "profile+global"):

@@ -159,3 +159,39 @@ def test_quick_agent_benchmark_is_well_formed(tmp_path):
         assert s["n"] == 3 and 0 <= s["accuracy"] <= 1 and s["within_budget"], s
     assert all(s["n"] == 3 and s["within_budget"] for s in data["loop_summary"])
     assert (tmp_path / "agent_quick.png").stat().st_size > 10_000
+
+
+def test_speed_and_online_time_reports_on_a_tiny_model(tiny_llama):
+    """bench speed's compaction row (phases as multiples of the same prefill) and bench online's
+    time columns (share of the budgeted session's own time, halving cost vs a prefill) are measured
+    and rendered."""
+    from agentmem.bench import online, speed
+
+    _, loaded = tiny_llama
+    ids = loaded.tokenizer(retrieval.tool_output(40, seed=1)[0])["input_ids"][:200]
+    row = speed.compaction_row(loaded, ids, 1, "cpu")
+    am = row["methods"]["am"]
+    assert row["prefill_seconds"] > 0 and am["seconds"] > 0
+    assert {"queries", "scores", "fits", "write"} <= set(am["phases"])
+    assert sum(am["phases"].values()) <= am["cost"] * 1.01  # the phases are parts of the whole
+    assert am["work_bytes"] > 0 and am["kv_bytes_after"] < am["kv_bytes_before"]
+    md = speed.to_markdown(
+        {
+            "environment": {"device": "cpu", "cpu": "x", "torch_threads": 1, "torch": "t", "transformers": "t"},
+            "model": "tiny",
+            "source_text": "x",
+            "new_tokens": 4,
+            "repeats": 1,
+            "rows": [],
+            "compaction": [row],
+        },
+        "cmd",
+    )
+    assert "| 200 |" in md and "queries" in md
+    from agentmem.agent import AgentSession
+
+    budget = AgentSession(model=loaded, max_kv_mb=None).cache.bytes_for_tokens(96) / 2**20
+    res = online.run_policy(loaded, "am-halve", 160, budget, 40, 80, verbose=False)
+    assert res["compactions"] > 0 and 0 < res["compaction_share"] < 1
+    assert res["halving_seconds"] > 0 and res["span_prefill_seconds"] > 0 and res["span_tokens"] > 0
+    assert res["peak_work_bytes"] > 0 and res["query_buffer_bytes"] > 0

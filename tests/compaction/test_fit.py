@@ -119,27 +119,27 @@ def test_too_few_keys_is_an_error():
 
 
 def test_one_pass_scores_match_softmaxes_over_the_head_and_over_each_span():
-    """head_pass, a few queries at a time over the whole head, gives each span's ranking as one
-    softmax over that span alone, each query's share per chunk, and the full-softmax max weights;
-    a span whose weights underflow in the full softmax still gets its own softmax."""
-    q, k, _ = synthetic(b=1, n=16, T=40)
-    q, k = q[0], k[0]
-    beta = torch.randn(40)
-    beta[37:] = float("-inf")
-    beta[30:34] = -200.0  # far below the rest: their full-softmax weights underflow to 0
-    s = block_scores(q[None], k[None], SCALE, beta[None])[0]  # (n, T)
+    """head_pass, a few queries at a time over whole heads (batched), gives each span's ranking as
+    one softmax over that span alone, each query's share per chunk, and the full-softmax max
+    weights; a span whose weights underflow in the full softmax still gets its own softmax."""
+    q, k, _ = synthetic(b=2, n=16, T=40)
+    beta = torch.randn(2, 40)
+    beta[:, 37:] = float("-inf")
+    beta[0, 30:34] = -200.0  # far below the rest: their full-softmax weights underflow to 0
+    s = block_scores(q, k, SCALE, beta)  # (2, n, T)
     spans = [(2, 20, [2, 9, 20]), (25, 40, [25, 40]), (30, 34, [30, 34])]
     for reduce in ("rms", "max", "mean"):
-        entry, ranked = head_pass(k, beta, q, SCALE, "max", spans, reduce, work_bytes=3 * 4 * 40)  # 3 queries a block
-        torch.testing.assert_close(entry, torch.softmax(s, -1).amax(0))
-        for (start, end, edges), got in zip(spans, ranked):
-            w = torch.softmax(s[:, start:end], -1)
-            want = key_scores(w[None], reduce)[0].masked_fill(~torch.isfinite(beta[start:end]), -1.0)
-            torch.testing.assert_close(got.keys, want, atol=1e-6, rtol=1e-5)
-            shares = torch.stack([w[:, a - start : b - start].sum(-1) for a, b in zip(edges, edges[1:])])
-            torch.testing.assert_close(got.shares, shares, atol=1e-6, rtol=1e-5)
-    total, _ = head_pass(k, beta, q, SCALE, "sum", work_bytes=5 * 4 * 40)
-    torch.testing.assert_close(total, torch.softmax(s, -1).sum(0))
+        entry, ranked = head_pass(k, beta, q, SCALE, "max", spans, reduce, work_bytes=2 * 3 * 4 * 40)  # 3 a block
+        torch.testing.assert_close(entry, torch.softmax(s, -1).amax(1))
+        for b in range(2):
+            for (start, end, edges), got in zip(spans, ranked[b]):
+                w = torch.softmax(s[b, :, start:end], -1)
+                want = key_scores(w[None], reduce)[0].masked_fill(~torch.isfinite(beta[b, start:end]), -1.0)
+                torch.testing.assert_close(got.keys, want, atol=1e-6, rtol=1e-5)
+                shares = torch.stack([w[:, a - start : e - start].sum(-1) for a, e in zip(edges, edges[1:])])
+                torch.testing.assert_close(got.shares, shares, atol=1e-6, rtol=1e-5)
+    total, _ = head_pass(k, beta, q, SCALE, "sum", work_bytes=2 * 5 * 4 * 40)
+    torch.testing.assert_close(total, torch.softmax(s, -1).sum(1))
 
 
 def test_a_padded_selection_fits_as_it_would_alone():
