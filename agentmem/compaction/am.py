@@ -286,7 +286,7 @@ class AttentionMatching:
             for b, m in enumerate(batch):
                 given[b, : m.chunk.target] = m.chunk.selected - m.chunk.start
                 given_mask[b, : m.chunk.target] = True
-        q_fit = torch.stack([qs[m.request][m.head][m.fit_rows] for m in batch])  # (B, n_fit, d)
+        q_fit = torch.stack([qs[m.request][m.head][m.fit_rows] for m in batch]).float()  # (B, n_fit, d)
         res = attention_match(
             q_fit,
             torch.cat(k),

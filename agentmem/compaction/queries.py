@@ -25,7 +25,8 @@ from ..kv.rope import rotated
 
 @dataclass
 class QuerySet:
-    """Reference queries: ``per_layer[l]`` is (H_q, n_l, d) float32; ``positions[l]`` (n_l,) int64,
+    """Reference queries: ``per_layer[l]`` is (H_q, n_l, d) (fp32, or bf16 from a bf16 scratch pass:
+    consumers compute in fp32); ``positions[l]`` (n_l,) int64,
     the RoPE position each query was computed at, where the source knows it (buffered queries)."""
 
     source: str
@@ -260,17 +261,20 @@ class QueryBuffer:
 
 
 class QueryCollector:
-    """Observer for scratch passes: keeps, per layer, at most ``cap`` query tokens (evenly spaced)."""
+    """Observer for scratch passes: keeps, per layer, at most ``cap`` query tokens (evenly spaced),
+    (H_q, n, d) in ``dtype``."""
 
-    def __init__(self, layers: set[int] | None = None, cap: int = 512):
+    def __init__(self, layers: set[int] | None = None, cap: int = 512, dtype: torch.dtype | None = None):
         self.layers = layers
         self.cap = cap
+        self.dtype = dtype  # what the queries are kept in (None: as computed)
         self.parts: dict[int, list[torch.Tensor]] = {}
 
     def __call__(self, layer: int, query: torch.Tensor) -> None:
         if self.layers is not None and layer not in self.layers:
             return
-        self.parts.setdefault(layer, []).append(query[0].detach().float())  # (H_q, n, d)
+        # a bf16 pass keeps bf16 queries: half the memory, no precision it had (users cast per block)
+        self.parts.setdefault(layer, []).append(query[0].detach().to(self.dtype or query.dtype, copy=True))
 
     def result(self, source: str) -> QuerySet:
         out = {}

@@ -117,7 +117,7 @@ def repeat_prefill(
         pieces = [text[s : s + room] for s in starts]
     else:
         pieces = [text[s : s + room] for s in range(0, len(text), room)]
-    collector = _SkipPrefix(cap=max_tokens)
+    collector = _SkipPrefix(cap=max_tokens, dtype=dtype)
     collector.skip = len(instruction)
     for part in pieces:
         with runner.scratch(cache, collector), _autocast(cache, dtype):
@@ -131,7 +131,7 @@ def self_study(
 ) -> QuerySet | None:
     """Queries of the model answering a few questions about what is in memory (greedy; the
     forward autocast to ``dtype`` when given)."""
-    collector = QueryCollector(cap=2048)
+    collector = QueryCollector(cap=2048, dtype=dtype)
     ran = False
     for prompt in SELF_STUDY_PROMPTS:
         ids = runner.tokenizer(prompt, add_special_tokens=False)["input_ids"]
