@@ -256,7 +256,7 @@ class Engine:
             event = execute_plan(cache, plan, method, planner.name, queries)
         for phase, seconds in phases.items():
             event.phases[phase] = event.phases.get(phase, 0.0) + seconds
-        if queries is not None:
+        if queries is not None and queries.source in ("repeat-prefill", "self-study"):  # buffered ones are views
             event.work_bytes += queries.nbytes
         event.seconds = time.perf_counter() - t0  # query generation and allocation included
         event.notes[:0] = notes

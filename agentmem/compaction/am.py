@@ -147,8 +147,9 @@ class AttentionMatching:
                     REDUCTIONS.get(self.selection, "rms"),
                     dtype=_selection_dtype(self.selection_dtype, k.device),
                 )
-                if report is not None:
-                    report.held(4 * len(batch) * (d * (length + n) + 2 * length * min(n, WORK_BYTES // (4 * length))))
+                if report is not None:  # stacked keys and queries, and a block of logits and weights
+                    rows = min(n, max(1, WORK_BYTES // (4 * len(batch) * length)))
+                    report.held(4 * len(batch) * (d * (length + n) + 2 * length * rows))
                 for b, (r, h, _) in enumerate(batch):
                     if entry:
                         requests[r].scores[h] = scores[b]

@@ -110,10 +110,19 @@ class QueryBuffer:
         """query (1, H_q, n, d) as the attention function sees it; positions (n,) its RoPE positions."""
         if not self.enabled:
             return
+        cap = self.capacity
+        if self.mode == "recent" and query.shape[2] == 1:  # a decode step: one row, no index tensors
+            slot = self.seen[layer] % cap
+            if self._undo is not None:
+                self._undo.append((layer, slot, self.data[layer, slot].clone(), self.pos[layer, slot].clone()))
+            self.data[layer, slot] = query[0, :, 0]
+            self.pos[layer, slot] = positions[0] if positions is not None else -1
+            self.filled[layer] = min(cap, self.filled[layer] + 1)
+            self.seen[layer] += 1
+            return
         q = query[0].transpose(0, 1).detach()  # (n, H_q, d)
         n = q.shape[0]
         pos = positions.to(self.pos.device, torch.int64) if positions is not None else self.pos.new_full((n,), -1)
-        cap = self.capacity
         if self.mode == "recent":
             q, pos = q[-cap:], pos[-cap:]
             k = q.shape[0]
