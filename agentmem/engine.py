@@ -301,14 +301,13 @@ class Engine:
 
     def queries(self, cache: CompactedCache, plan: CompactionPlan, source: str) -> tuple[QuerySet, list[str]]:
         notes = []
+        dtype = reference.pass_dtype(plan.query_dtype, cache.device, self.loaded.dtype)  # of a scratch pass
         if source == "repeat-prefill":
-            dtype = reference.pass_dtype(plan.query_dtype, cache.device, self.loaded.dtype)
             qs = reference.repeat_prefill(self, cache, plan, max_tokens=plan.query_tokens, dtype=dtype)
             if qs is not None:
                 return qs, notes
             notes.append("no room in the budget for a repeat-prefill pass; used buffered queries")
         elif source == "self-study":
-            dtype = reference.pass_dtype(plan.query_dtype, cache.device, self.loaded.dtype)
             qs = reference.self_study(self, cache, dtype=dtype)
             if qs is not None:
                 return qs, notes

@@ -43,7 +43,8 @@ def execute_plan(
         staged.append((request.layer, per_head))
     t_write = time.perf_counter()
     # the replacements are held beside the cache until they are written
-    report.held(report.work_bytes + sum(_nbytes(b) for _, per_head in staged for spans in per_head for *_, b in spans))
+    staged_bytes = sum(b.nbytes for _, per_head in staged for spans in per_head for *_, b in spans if b is not None)
+    report.held(report.work_bytes + staged_bytes)
     cache.validate_spans(staged)
     for layer_idx, per_head in staged:
         single = [spans[0] if len(spans) == 1 else None for spans in per_head]
@@ -75,9 +76,3 @@ def execute_plan(
         fit_mass_error=statistics.fmean(report.mass_errors) if report.mass_errors else None,
         notes=report.notes,
     )
-
-
-def _nbytes(block) -> int:
-    if block is None:
-        return 0
-    return sum(t.numel() * t.element_size() for t in (block.keys, block.values, block.beta, block.pos, block.tok))

@@ -55,6 +55,10 @@ class Block:
     def __len__(self) -> int:
         return int(self.keys.shape[0])
 
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.keys, self.values, self.beta, self.pos, self.tok))
+
 
 class CacheLayer:
     """One decoder layer's storage. Not a transformers ``CacheLayerMixin``: CompactedCache dispatches."""
