@@ -152,14 +152,17 @@ class AgentSession(Session):
         dtype: str | torch.dtype | None = None,
         policy: Any = None,
         tokenizer: Any = None,
+        max_work_mb: float | None | EllipsisType = ...,
+        budget_covers: str | EllipsisType = ...,
     ) -> AgentSession:
         """A session written by :meth:`save`, continuing exactly where it stopped.
 
         ``model``: None loads the model named in the file (embedded name or local path); otherwise a
         name, path, LoadedModel or transformers model (with ``tokenizer``), which must be the model the
         session was saved from (:class:`ModelMismatchError` otherwise). ``max_kv_mb``: default the saved
-        budget; a budget too small for the saved memory raises BudgetError. ``policy``: default the saved
-        policy config. Errors leave nothing behind: either a complete session or an exception.
+        budget; a budget too small for the saved memory raises BudgetError. ``policy``, ``max_work_mb``
+        and ``budget_covers``: default the saved ones. Errors leave nothing behind: either a complete
+        session or an exception.
         """
         path = persist.file_path(path)
         tensors, meta = persist.read_file(path, persist.SESSION)
@@ -173,6 +176,11 @@ class AgentSession(Session):
                 model = persist.model_source(saved, str(path))
                 dtype = dtype or saved["dtype"]  # the dtype is part of the config hash (and of exactness)
             budget = (None if saved_budget is None else saved_budget / MiB) if max_kv_mb is ... else max_kv_mb
+            if max_work_mb is ...:  # older files carry neither: the defaults
+                saved_work = meta.get("max_work_bytes")
+                max_work_mb = None if saved_work is None else saved_work / MiB
+            if budget_covers is ...:
+                budget_covers = meta.get("budget_covers", "kv")
             session = cls(
                 model=model,
                 max_kv_mb=budget,
@@ -182,6 +190,8 @@ class AgentSession(Session):
                 tokenizer=tokenizer,
                 chunk_tokens=max(1, chunk),
                 positions=positions,
+                max_work_mb=max_work_mb,
+                budget_covers=budget_covers,
             )
             check_model(saved, session.loaded, str(path))
             if dtype_name(session.loaded.dtype) != saved.get("dtype"):

@@ -159,11 +159,12 @@ class Cartridge:
                 )
             check_model(self.meta["model"], session.loaded, f"cartridge {self.model_name!r}")
             need = self.bytes_needed(session)
-            if session.max_kv_bytes is not None and need > session.max_kv_bytes:
+            if session.cache.max_bytes is not None and need > session.cache.max_bytes:
+                least = session.engine.budget_for(need)
                 raise BudgetError(
                     f"the cartridge holds {self.tokens} tokens as {self.entries()} KV entries; with room for "
-                    f"policy {session.policy.name!r} to work beside it, it needs {need / MiB:.2f} MiB: use "
-                    f"max_kv_mb >= {math.ceil(need / MiB * 100) / 100:.2f} (the session has "
+                    f"policy {session.policy.name!r} to work beside it, it needs {need / MiB:.2f} MiB of KV: use "
+                    f"max_kv_mb >= {math.ceil(least / MiB * 100) / 100:.2f} (the session has "
                     f"{session.max_kv_bytes / MiB:g}), or build the cartridge with a smaller ratio"
                 )
             try:

@@ -18,7 +18,7 @@ import torch
 
 from .compaction import reference
 from .compaction.driver import execute_plan
-from .compaction.plan import CompactionPlan
+from .compaction.plan import CompactionPlan, CompactionReport
 from .compaction.queries import QueryBuffer, QuerySet
 from .errors import BudgetError, CompactionError
 from .events import CompactionEvent
@@ -52,11 +52,20 @@ class Engine:
         max_kv_bytes: int | None,
         chunk_tokens: int,
         seed: int = 0,
+        *,
+        max_work_bytes: int | None = None,
+        budget_covers: str = "kv",
     ):
+        if budget_covers not in ("kv", "all"):
+            raise ValueError(f"budget_covers must be 'kv' or 'all', not {budget_covers!r}")
         self.loaded = loaded
         self.policy = policy
         self.positions = positions
-        self.cache = CompactedCache(loaded.spec, loaded.dtype, loaded.device, max_kv_bytes)
+        self.seed = seed
+        self.budget_bytes, self.budget_covers, self.work_setting = max_kv_bytes, budget_covers, max_work_bytes
+        query_buffer = self._query_buffer_for(policy)
+        cache_bytes, self.work_limit = self._split_budget(query_buffer)
+        self.cache = CompactedCache(loaded.spec, loaded.dtype, loaded.device, cache_bytes)
         cap = self.cache.max_tokens()
         self.chunk_tokens = max(1, min(chunk_tokens, cap // 4))
         limit = effective_max_distance(self.cache, positions)
@@ -65,19 +74,52 @@ class Engine:
         need = policy.min_tokens(1)
         if cap < need:
             mib = round(max_kv_bytes / MiB, 4)
+            share = "" if cache_bytes == max_kv_bytes else f" (budget_covers='all': {cache_bytes / MiB:.2f} MiB of KV)"
+            least = self.budget_for(self.cache.bytes_for_tokens(need), query_buffer)
             raise BudgetError(
-                f"max_kv_mb={mib:g} holds {cap} tokens of {loaded.spec.name} "
+                f"max_kv_mb={mib:g}{share} holds {cap} tokens of {loaded.spec.name} "
                 f"({self.cache.bytes_per_token()} bytes each); policy {policy.name!r} needs at least "
-                f"{need}: use max_kv_mb >= {math.ceil(self.cache.bytes_for_tokens(need) / MiB * 100) / 100:.2f}"
+                f"{need}: use max_kv_mb >= {math.ceil(least / MiB * 100) / 100:.2f}"
             )
         policy.attach(loaded.spec)
-        self.seed = seed
         self.compactions: list[CompactionEvent] = []
         self.pinned: list[tuple[int, int]] = []
         self.transcript_ids = array("i")
         self.pending: list[int] = []
         self.started = False
-        self.cache.query_buffer = self._query_buffer_for(policy)
+        self.cache.query_buffer = query_buffer
+
+    def budget_for(self, cache_bytes: int, query_buffer: QueryBuffer | None = ...) -> int:
+        """The smallest ``max_kv_mb`` (in bytes) whose cache share is ``cache_bytes`` (the inverse of
+        :meth:`_split_budget`; ``query_buffer``: default the cache's)."""
+        if self.budget_covers == "kv":
+            return cache_bytes
+        query_buffer = self.cache.query_buffer if query_buffer is ... else query_buffer
+        ring = query_buffer.nbytes if query_buffer is not None else 0
+        work = self.work_setting if self.work_setting is not None else -(-cache_bytes // 2)
+        return cache_bytes + ring + work
+
+    def _split_budget(self, query_buffer: QueryBuffer | None) -> tuple[int | None, int | None]:
+        """(the cache's byte bound, the bound on one compaction's work) from the session's budget.
+
+        ``budget_covers="kv"``: the budget bounds the cache; work is bounded by ``max_work_bytes``
+        (None: by the methods' own batch sizes and ``query_tokens`` only). ``"all"``: the budget bounds
+        cache + query buffer + work; the work gets ``max_work_bytes``, by default a third of what the
+        query buffer leaves (half the cache's share)."""
+        budget, work = self.budget_bytes, self.work_setting
+        if budget is None or self.budget_covers == "kv":
+            return budget, work
+        ring = query_buffer.nbytes if query_buffer is not None else 0
+        rest = budget - ring
+        if work is None:
+            work = rest // 3
+        if rest - work <= 0:
+            raise BudgetError(
+                f"max_kv_mb={round(budget / MiB, 4):g} with budget_covers='all' must cover the query buffer "
+                f"({ring / MiB:.2f} MiB) and compaction work ({max(work, 0) / MiB:.2f} MiB) besides the cache: "
+                "raise max_kv_mb, lower max_work_mb or the policy's query_buffer"
+            )
+        return rest - work, work
 
     # ------------------------------------------------------------------ tokens in, logits out
     def read(self, ids: Sequence[int], record: list[CompactionEvent] | None) -> None:
@@ -116,14 +158,16 @@ class Engine:
             list(self.pending),
             self.started,
             self.policy,
+            (self.cache.max_bytes, self.work_limit),
         )
 
     def restore(self, mark: tuple) -> None:
-        n_ids, pinned, n_events, pending, started, policy = mark
+        n_ids, pinned, n_events, pending, started, policy, bounds = mark
         del self.transcript_ids[n_ids:]
         self.pinned[:] = pinned
         del self.compactions[n_events:]
         self.pending, self.started, self.policy = pending, started, policy
+        self.cache.max_bytes, self.work_limit = bounds
 
     def _query_buffer_for(self, policy: Policy) -> QueryBuffer | None:
         """The query buffer a policy's methods read (None for policies that need no queries)."""
@@ -139,13 +183,20 @@ class Engine:
         the rows it can); a buffer that starts empty under a non-empty cache is filled by a scratch pass
         over the newest tokens read, after the old policy has made room for it if it must."""
         policy.attach(self.loaded.spec)
-        cap, pinned = self.cache.max_tokens(), sum(b - a for a, b in self.pinned)
-        if self.cache.max_bytes is not None and not policy.has_room(cap, pinned, 1):
+        old, new = self.cache.query_buffer, self._query_buffer_for(policy)
+        bounds = self._split_budget(new)  # budget_covers="all": a policy's query buffer changes the cache's share
+        cap, pinned = self.cache.max_tokens(bounds[0]), sum(b - a for a, b in self.pinned)
+        if bounds[0] is not None and not policy.has_room(cap, pinned, 1):
             raise BudgetError(
                 f"policy {policy.name!r} cannot work in {cap} tokens next to the {pinned} pinned ones: "
                 "raise max_kv_mb or pin less"
             )
-        old, new = self.cache.query_buffer, self._query_buffer_for(policy)
+        if bounds[0] is not None and self.cache.kv_bytes > bounds[0]:
+            raise BudgetError(
+                f"with policy {policy.name!r} (query buffer {new.nbytes / MiB if new else 0:.2f} MiB) the cache gets "
+                f"{bounds[0] / MiB:.2f} MiB of the budget and holds {self.cache.kv_bytes / MiB:.2f}: compact first "
+                "or raise max_kv_mb"
+            )
         if new is not None and old is not None and (old.mode, old.capacity) == (new.mode, new.capacity):
             new = old
         elif new is not None and old is not None:
@@ -158,6 +209,7 @@ class Engine:
                 self.forward_chunk(self.cache, recent, "none")
         self.policy = policy
         self.cache.query_buffer = new
+        self.cache.max_bytes, self.work_limit = bounds
 
     @property
     def tokenizer(self):
@@ -239,13 +291,14 @@ class Engine:
         planner = planner or self.policy
         source = source or plan.queries or "recent"
         t0 = time.perf_counter()
-        queries, notes, phases = None, [], {}
+        queries, notes, phases, prepared = None, [], {}, 0
         if plan.budgets and method.needs_queries:  # per-context head budgets: from the queries, once
             queries, notes = self.queries(cache, plan, source)
             t1 = time.perf_counter()
-            method.prepare(cache, plan.requests, queries)  # the method's own pass scores the entries once
+            report = CompactionReport(work_limit=self._method_limit(queries))
+            method.prepare(cache, plan.requests, queries, report)  # the method's own pass scores the entries once
             planner.allocate(plan, cache, queries)
-            phases = {"queries": t1 - t0, "scores": time.perf_counter() - t1}
+            phases, prepared = {"queries": t1 - t0, "scores": time.perf_counter() - t1}, report.work_bytes
         if method.needs_queries and groups > 1 and source in ("repeat-prefill", "self-study"):
             event = self._execute_on_policy(cache, plan, method, source, groups, planner.name)
         else:
@@ -253,11 +306,16 @@ class Engine:
                 t1 = time.perf_counter()
                 queries, notes = self.queries(cache, plan, source)
                 phases["queries"] = time.perf_counter() - t1
-            event = execute_plan(cache, plan, method, planner.name, queries)
+            event = execute_plan(cache, plan, method, planner.name, queries, self._method_limit(queries))
+            event.work_bytes = max(event.work_bytes, prepared) + _scratch_bytes(queries)
         for phase, seconds in phases.items():
             event.phases[phase] = event.phases.get(phase, 0.0) + seconds
-        if queries is not None and queries.source in ("repeat-prefill", "self-study"):  # buffered ones are views
-            event.work_bytes += queries.nbytes
+        event.work_limit = self.work_limit
+        if self.work_limit is not None and event.work_bytes > self.work_limit:
+            event.notes.append(
+                f"held {event.work_bytes / MiB:.2f} MiB beside the cache, over max_work_mb="
+                f"{self.work_limit / MiB:.2f}: one layer's replacements and one batch of fits are the least it holds"
+            )
         event.seconds = time.perf_counter() - t0  # query generation and allocation included
         event.notes[:0] = notes
         if planner.head_budgets != "uniform" or plan.budgets:
@@ -278,7 +336,8 @@ class Engine:
                 sub.query_tokens, sub.query_dtype = plan.query_tokens, plan.query_dtype
                 t0 = time.perf_counter()
                 queries, notes = self.queries(cache, sub, source)
-                events.append(execute_plan(cache, sub, method, name, queries))
+                events.append(execute_plan(cache, sub, method, name, queries, self._method_limit(queries)))
+                events[-1].work_bytes += _scratch_bytes(queries)
                 events[-1].notes[:0] = notes
                 events[-1].phases["queries"] = time.perf_counter() - t0 - events[-1].seconds
         except BaseException:
@@ -299,19 +358,32 @@ class Engine:
         last.fit_mass_error = sum(masses) / len(masses) if masses else None
         return last
 
+    def _method_limit(self, queries: QuerySet | None) -> int | None:
+        """What a method may hold at once: the work limit less the scratch queries held beside it."""
+        if self.work_limit is None:
+            return None
+        return max(self.work_limit // 8, self.work_limit - _scratch_bytes(queries))
+
     def queries(self, cache: CompactedCache, plan: CompactionPlan, source: str) -> tuple[QuerySet, list[str]]:
         notes = []
         dtype = reference.pass_dtype(plan.query_dtype, cache.device, self.loaded.dtype)  # of a scratch pass
+        tokens = plan.query_tokens if source == "repeat-prefill" else reference.SELF_STUDY_TOKENS
+        if self.work_limit is not None and source in ("repeat-prefill", "self-study"):  # half the work limit at most
+            spec = self.loaded.spec
+            per_token = spec.num_layers * spec.num_q_heads * spec.head_dim * dtype.itemsize
+            if self.work_limit // 2 // per_token < tokens:
+                tokens = self.work_limit // 2 // per_token
+                notes.append(f"{source} queries capped at {tokens} tokens by max_work_mb={self.work_limit / MiB:.2f}")
         if source == "repeat-prefill":
-            qs = reference.repeat_prefill(self, cache, plan, max_tokens=plan.query_tokens, dtype=dtype)
+            qs = reference.repeat_prefill(self, cache, plan, max_tokens=tokens, dtype=dtype)
             if qs is not None:
                 return qs, notes
-            notes.append("no room in the budget for a repeat-prefill pass; used buffered queries")
+            notes.append("no room in the budget (or the work limit) for a repeat-prefill pass; used buffered queries")
         elif source == "self-study":
-            qs = reference.self_study(self, cache, dtype=dtype)
+            qs = reference.self_study(self, cache, dtype=dtype, max_tokens=tokens)
             if qs is not None:
                 return qs, notes
-            notes.append("no room in the budget for self-study; used buffered queries")
+            notes.append("no room in the budget (or the work limit) for self-study; used buffered queries")
         buffer = cache.query_buffer
         if buffer is None or not any(buffer.filled):
             raise CompactionError(
@@ -387,6 +459,13 @@ class Engine:
 
 def _ignore_queries(layer: int, query: torch.Tensor) -> None:
     return None
+
+
+def _scratch_bytes(queries: QuerySet | None) -> int:
+    """Bytes of queries a scratch pass made for one compaction (buffered ones are views: 0)."""
+    if queries is None or queries.source not in ("repeat-prefill", "self-study"):
+        return 0
+    return queries.nbytes
 
 
 def _model_call(loaded: LoadedModel, rows: Sequence[Sequence[int]], position_ids, cache, keep: str) -> torch.Tensor:

@@ -33,7 +33,8 @@ class CompactionEvent:
     # seconds per phase ("queries": generating reference queries, "scores": ranking entries,
     # "fits": beta and value fits, "write": validating and writing the cache); ``seconds`` is all of it
     phases: dict[str, float] = field(default_factory=dict)
-    work_bytes: int = 0  # most it held beside the cache: reference queries + the largest scores/fit batch (estimate)
+    work_bytes: int = 0  # most held beside the cache: queries, scores or fit batch, replacements (estimate)
+    work_limit: int | None = None  # what bounded work_bytes (the session's max_work_bytes; None: unbounded)
     span_tokens: float = 0.0  # entries it replaced per layer and KV head, averaged (the span it compacted)
 
     def as_dict(self) -> dict:
@@ -57,15 +58,20 @@ class SessionStats:
     kv_bytes: int  # every byte the cache holds (keys, values, beta, positions, padding, spare capacity)
     payload_bytes: int  # bytes of entries in use
     peak_kv_bytes: int  # highest kv_bytes so far, counting buffers being re-allocated
-    max_kv_bytes: int | None  # the budget
+    max_kv_bytes: int | None  # what bounds kv_bytes: the budget, less what it covers beside the cache
     logical_tokens: int  # tokens read into the cache so far
     physical_tokens: float  # entries per (layer, KV head), averaged
     pending_tokens: int  # tokens accepted but not yet run through the model (the last one read or sampled)
     position_offset: int  # total re-basing shift: next RoPE position = logical_tokens - position_offset
     compactions: list[CompactionEvent] = field(default_factory=list)
     head_budgets: str = "uniform"  # how compactions share entries between KV heads (and the profile used)
-    query_buffer_bytes: int = 0  # reference queries kept for online compaction: memory outside max_kv_bytes
-    peak_work_bytes: int = 0  # the most a compaction held beside the cache (queries, scores, fits): outside it too
+    query_buffer_bytes: int = 0  # reference queries kept for online compaction, beside the cache
+    peak_work_bytes: int = 0  # the most a compaction held beside the cache (queries, scores, fits, replacements)
+    max_work_bytes: int | None = None  # the bound on work_bytes of one compaction (None: unbounded)
+    budget_bytes: int | None = None  # the session's max_kv_mb in bytes
+    budget_covers: str = "kv"  # "kv": budget_bytes bounds the cache; "all": cache + query buffer + work
+    peak_undo_bytes: int = 0  # most held to undo an operation (copies of layers it compacted), beside the cache
+    undo_device: str = "cpu"  # where those copies live (host memory for a CUDA cache)
 
     def as_dict(self) -> dict:
         return asdict(self)

@@ -61,6 +61,17 @@ class Session:
             it takes at most this share of the budget and the policy keeps room to work (0: never).
             A reasoning run that compacts its own question cannot answer it
             (docs/benchmarks/reasoning.md).
+        max_work_mb: bound on the memory one compaction holds beside the cache at once (scratch-pass
+            queries, score blocks, fit batches, replacement blocks before they are written): batches
+            shrink to fit it (same results, slower), repeat-prefill / self-study queries are capped
+            at half of it (fewer queries, lower recall: docs/benchmarks/memory.md). None: with
+            ``budget_covers="kv"`` no bound (batches of 8-16 MiB, ``query_tokens`` queries; the
+            amount is reported in ``stats.peak_work_bytes``), with ``"all"`` a third of what the
+            query buffer leaves of the budget.
+        budget_covers: ``"kv"`` (default): ``max_kv_mb`` bounds the cache; the query buffer and the
+            compaction work are extra, reported in :attr:`stats`. ``"all"``: ``max_kv_mb`` bounds the
+            cache + query buffer + compaction work together (the cache gets what the other two leave).
+            Copies a running operation keeps to undo itself live in host memory, outside either.
     """
 
     def __init__(
@@ -76,9 +87,17 @@ class Session:
         positions: PositionConfig | dict | None = None,
         seed: int = 0,
         pin_turn: float = 0.75,
+        max_work_mb: float | None = None,
+        budget_covers: str = "kv",
     ):
         if max_kv_mb is not None and not max_kv_mb > 0:
             raise BudgetError(f"max_kv_mb must be > 0 (got {max_kv_mb}); use None for an unbounded cache")
+        if max_work_mb is not None and not (is_number(max_work_mb) and max_work_mb > 0):
+            raise BudgetError(f"max_work_mb must be a number > 0 (got {max_work_mb!r}); use None for the default")
+        if budget_covers not in ("kv", "all"):
+            raise ValueError(f"budget_covers must be 'kv' or 'all' (got {budget_covers!r})")
+        if budget_covers == "all" and max_kv_mb is None:
+            raise BudgetError("budget_covers='all' needs a max_kv_mb to cover: give one, or use budget_covers='kv'")
         if chunk_tokens < 1:
             raise ValueError(f"chunk_tokens must be >= 1 (got {chunk_tokens})")
         if not is_number(pin_turn) or not 0 <= pin_turn <= 1:
@@ -99,6 +118,8 @@ class Session:
             self.max_kv_bytes,
             chunk_tokens,
             seed,
+            max_work_bytes=None if max_work_mb is None else int(max_work_mb * MiB),
+            budget_covers=budget_covers,
         )
         self.messages: list[dict] = []  # chat history (role/content) seen through chat() / append(role=...)
         self.tools: list[dict] | None = None  # tool schemas (OpenAI format) the chat template renders
@@ -179,7 +200,7 @@ class Session:
             kv_bytes=c.kv_bytes,
             payload_bytes=c.payload_bytes,
             peak_kv_bytes=c.peak_bytes,
-            max_kv_bytes=self.max_kv_bytes,
+            max_kv_bytes=c.max_bytes,
             logical_tokens=c.logical_length,
             physical_tokens=c.physical_tokens,
             pending_tokens=len(self.engine.pending),
@@ -188,6 +209,11 @@ class Session:
             head_budgets=self.policy.budgets_description,
             query_buffer_bytes=c.query_buffer.nbytes if c.query_buffer is not None else 0,
             peak_work_bytes=max((e.work_bytes for e in self.compactions), default=0),
+            max_work_bytes=self.engine.work_limit,
+            budget_bytes=self.max_kv_bytes,
+            budget_covers=self.engine.budget_covers,
+            peak_undo_bytes=c.peak_undo_bytes,
+            undo_device=c.undo_device.type,
         )
 
     def transcript(self) -> str:
@@ -709,6 +735,8 @@ class Session:
                 "policy": self.policy.config.model_dump(mode="json"),
                 "positions": self.positions.model_dump(mode="json"),
                 "max_kv_bytes": self.max_kv_bytes,
+                "max_work_bytes": engine.work_setting,
+                "budget_covers": engine.budget_covers,
                 "chunk_tokens": engine.chunk_tokens,
                 "session": {
                     "pending": list(engine.pending),

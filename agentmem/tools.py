@@ -267,7 +267,7 @@ def tool_result(
             kv_bytes_before=kv_before,
             kv_bytes_after=session.cache.kv_bytes,
             peak_kv_bytes=session.cache.peak_bytes,
-            max_kv_bytes=session.max_kv_bytes,
+            max_kv_bytes=session.cache.max_bytes,
             entries=entries,
             ratio=entries / (b - a) if b > a else 1.0,
             target_ratio=ratio,

@@ -112,12 +112,14 @@ class AttentionMatching:
         qs: list[torch.Tensor],
         pairs: list[tuple[int, int]],
         entry: bool,
-        report: CompactionReport | None = None,
+        report: CompactionReport,
     ) -> None:
         """One pass of each (request, head)'s queries over its entries (compaction/scores.py): the
         span rankings (``request.ranked``) and, with ``entry``, the entries' max weights
         (``request.scores``). Heads of one length, spans and query count -- across layers -- go in
-        one batched call, as many as fit in the working memory of the pass."""
+        one batched call, as many as fit in the working memory of the pass (``report.limit``)."""
+        # a batch's stacked keys and queries, a block of its logits and their weights: a third each at most
+        work = report.limit(3 * WORK_BYTES) // 3
         groups: dict[tuple, list[tuple[int, int, list]]] = {}
         for r, h in pairs:
             request = requests[r]
@@ -130,13 +132,17 @@ class AttentionMatching:
             d = qs[members[0][0]].shape[-1]
             # the stacked keys and queries of a batch fit the working memory, and so do the logits of
             # >= 1024 queries of each head (long heads go alone: a batch buys them nothing)
-            size = max(1, WORK_BYTES // (4 * max(d * (length + n), 1024 * length)))
+            size = max(1, work // (4 * max(d * (length + n), 1024 * length)))
             for a in range(0, len(members), size):
                 batch = members[a : a + size]
                 layers = [cache.layers[requests[r].layer] for r, _, _ in batch]
                 k = torch.stack([layer.head("k", h)[:length] for layer, (_, h, _) in zip(layers, batch)])
                 beta = torch.stack([layer.head("beta", h)[:length] for layer, (_, h, _) in zip(layers, batch)])
                 q = torch.stack([qs[r][h] for r, h, _ in batch])
+                stacked = 4 * len(batch) * d * (length + n)
+                logits = work  # a block of logits (and as many weights)
+                if report.work_limit is not None:  # what one long head's keys and queries leave of the bound
+                    logits = min(work, max(4 * len(batch) * length, (report.work_limit - stacked) // 2))
                 scores, ranked = head_pass(
                     k,
                     beta,
@@ -146,22 +152,25 @@ class AttentionMatching:
                     batch[0][2],
                     REDUCTIONS.get(self.selection, "rms"),
                     dtype=_selection_dtype(self.selection_dtype, k.device),
+                    work_bytes=logits,
                 )
-                if report is not None:  # stacked keys and queries, and a block of logits and weights
-                    rows = min(n, max(1, WORK_BYTES // (4 * len(batch) * length)))
-                    report.held(4 * len(batch) * (d * (length + n) + 2 * length * rows))
+                rows = min(n, max(1, logits // (4 * len(batch) * length)))
+                report.held(stacked + 2 * 4 * len(batch) * length * rows)
                 for b, (r, h, _) in enumerate(batch):
                     if entry:
                         requests[r].scores[h] = scores[b]
                     for sc in ranked[b]:
                         requests[r].ranked[(h, sc.start, sc.end)] = sc
 
-    def prepare(self, cache: CompactedCache, requests: list[SpanRequest], queries: QuerySet) -> None:
+    def prepare(
+        self, cache: CompactedCache, requests: list[SpanRequest], queries: QuerySet, report: CompactionReport
+    ) -> None:
         """Score every requested head in one pass before the global head budgets are set: the
         allocation reads ``request.scores``, the key selection later reads ``request.ranked``."""
         scored = [r for r in requests if r.layer in queries.per_layer]
         qs = [self._queries(cache, queries, r.layer) for r in scored]
-        self._score(cache, scored, qs, [(i, h) for i, r in enumerate(scored) for h in range(len(r.heads))], True)
+        pairs = [(i, h) for i, r in enumerate(scored) for h in range(len(r.heads))]
+        self._score(cache, scored, qs, pairs, True, report)
 
     def _chunks(self, request: SpanRequest, h: int, start: int, end: int, target: int) -> list[Chunk]:
         """Split one span into chunks, each with its own target (and, span-wide, its selected keys).
@@ -232,7 +241,10 @@ class AttentionMatching:
 
         fitted: dict[tuple[int, int, int], Block] = {}
         for (length, _, n_fit, scale), members in jobs.items():
-            size = max(1, self.work_bytes // (4 * n_fit * length))
+            size = self.work_bytes // (4 * n_fit * length)  # logits of a batch: a speed choice
+            if report.work_limit is not None:  # all a batch holds (logits, weights, products): a memory bound
+                size = min(size, report.work_limit // (3 * 4 * n_fit * length))
+            size = max(1, size)
             for a in range(0, len(members), size):
                 batch = members[a : a + size]
                 report.held(3 * 4 * len(batch) * n_fit * length)  # logits, weights and their products

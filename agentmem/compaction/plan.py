@@ -74,19 +74,29 @@ class CompactionPlan:
 @dataclass
 class CompactionReport:
     """What a method says about its work: notes (fallbacks), fit errors per fitted block, seconds
-    per phase ("scores", "fits", ...) and the largest working set it held (bytes)."""
+    per phase ("scores", "fits", ...) and the largest working set it held (bytes).
+
+    ``work_limit`` (given, bytes; None: the method's own defaults) is the most scratch memory the
+    method may hold beside the cache at once: it sizes its blocks of scores and batches of fits
+    to it (:meth:`limit`). Results do not depend on it, only speed does.
+    """
 
     notes: list[str] = field(default_factory=list)
     output_errors: list[float] = field(default_factory=list)
     mass_errors: list[float] = field(default_factory=list)
     phases: dict[str, float] = field(default_factory=dict)
     work_bytes: int = 0
+    work_limit: int | None = None
 
     def timed(self, phase: str, seconds: float) -> None:
         self.phases[phase] = self.phases.get(phase, 0.0) + seconds
 
     def held(self, nbytes: int) -> None:
         self.work_bytes = max(self.work_bytes, int(nbytes))
+
+    def limit(self, default: int) -> int:
+        """The scratch bytes a step may use: its ``default`` (a speed choice), at most ``work_limit``."""
+        return default if self.work_limit is None else max(1, min(default, self.work_limit))
 
 
 class Method(Protocol):
@@ -107,7 +117,9 @@ class Method(Protocol):
         """:meth:`compact` of every request (a method may batch work across layers)."""
         ...
 
-    def prepare(self, cache: CompactedCache, requests: list[SpanRequest], queries: QuerySet) -> None:
+    def prepare(
+        self, cache: CompactedCache, requests: list[SpanRequest], queries: QuerySet, report: CompactionReport
+    ) -> None:
         """Before per-context head budgets are set: fill ``request.scores`` (and what else the
         method will rank by) in one pass, so the allocation does not score the entries again."""
         ...
@@ -121,5 +133,7 @@ class LayerByLayer:
     ) -> list[list[list[Replacement]]]:
         return [self.compact(cache, r, queries, report) for r in requests]
 
-    def prepare(self, cache: CompactedCache, requests: list[SpanRequest], queries: QuerySet) -> None:
+    def prepare(
+        self, cache: CompactedCache, requests: list[SpanRequest], queries: QuerySet, report: CompactionReport
+    ) -> None:
         return None

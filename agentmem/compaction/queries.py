@@ -288,9 +288,15 @@ class QueryCollector:
     def result(self, source: str) -> QuerySet:
         out = {}
         for layer, parts in self.parts.items():
-            q = torch.cat(parts, dim=1)
-            if q.shape[1] > self.cap:
-                keep = torch.linspace(0, q.shape[1] - 1, self.cap).round().long().to(q.device)
-                q = q[:, keep]
-            out[layer] = q
+            total = sum(p.shape[1] for p in parts)
+            if total > self.cap:  # pick from each part, so only the kept rows are ever copied together
+                keep = torch.linspace(0, total - 1, self.cap).round().long()
+                picked, start = [], 0
+                for p in parts:
+                    mine = keep[(keep >= start) & (keep < start + p.shape[1])] - start
+                    picked.append(p[:, mine.to(p.device)])
+                    start += p.shape[1]
+                parts = picked
+            out[layer] = torch.cat(parts, dim=1)
+            self.parts[layer] = []  # freed as it goes
         return QuerySet(source=source, per_layer=out)

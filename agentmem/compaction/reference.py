@@ -29,6 +29,7 @@ SELF_STUDY_PROMPTS = (
     "\n\nQuestion: Quote the first lines of the text above.\nAnswer:",
 )
 _MIN_PIECE = 16
+SELF_STUDY_TOKENS = 2048  # the most query tokens self-study keeps
 _CPU_BF16_PROBES = ("_is_amx_tile_supported", "_is_avx512_bf16_supported")  # torch's own CPU feature checks
 
 
@@ -107,7 +108,7 @@ def repeat_prefill(
     if span is None:
         return None
     instruction = runner.tokenizer(REPEAT_INSTRUCTION, add_special_tokens=False)["input_ids"]
-    room = min(piece, cache.free_tokens() - len(instruction))
+    room = min(piece, cache.free_tokens() - len(instruction), max_tokens)
     if room < _MIN_PIECE:
         return None
     text = list(runner.transcript_ids[span[0] : span[1]])
@@ -127,11 +128,17 @@ def repeat_prefill(
 
 
 def self_study(
-    runner: Runner, cache: CompactedCache, answer_tokens: int = 48, dtype: torch.dtype | None = None
+    runner: Runner,
+    cache: CompactedCache,
+    answer_tokens: int = 48,
+    dtype: torch.dtype | None = None,
+    max_tokens: int = SELF_STUDY_TOKENS,
 ) -> QuerySet | None:
     """Queries of the model answering a few questions about what is in memory (greedy; the
-    forward autocast to ``dtype`` when given)."""
-    collector = QueryCollector(cap=2048, dtype=dtype)
+    forward autocast to ``dtype`` when given; at most ``max_tokens`` of them kept, evenly spaced)."""
+    if max_tokens < _MIN_PIECE:
+        return None
+    collector = QueryCollector(cap=max_tokens, dtype=dtype)
     ran = False
     for prompt in SELF_STUDY_PROMPTS:
         ids = runner.tokenizer(prompt, add_special_tokens=False)["input_ids"]

@@ -44,6 +44,7 @@ class _Transaction:
     position_offset: int
     query_buffer: object
     layers: dict[int, tuple] = field(default_factory=dict)
+    undo_bytes: int = 0  # bytes of the layer copies in ``layers``
 
 
 class CompactedCache(Cache):
@@ -75,6 +76,7 @@ class CompactedCache(Cache):
         self.query_buffer = None  # compaction.queries.QueryBuffer fed by the attention path, if any
         self._txn: _Transaction | None = None
         self._txn_depth = 0
+        self.peak_undo_bytes = 0  # most bytes of layer copies one operation held to undo itself
 
     # ------------------------------------------------------------------ accounting
     @property
@@ -161,13 +163,15 @@ class CompactedCache(Cache):
                 layer.resize(caps)
         self._note_peak()
 
-    def max_tokens(self) -> int:
-        """Most tokens per head the budget can ever hold (one layer may be mid re-allocation)."""
-        if self.max_bytes is None:
+    def max_tokens(self, max_bytes: int | None = ...) -> int:
+        """Most tokens per head the budget (default :attr:`max_bytes`) can ever hold (one layer may
+        be mid re-allocation)."""
+        max_bytes = self.max_bytes if max_bytes is ... else max_bytes
+        if max_bytes is None:
             return 1 << 30
         per_tok = self.bytes_per_token()
         biggest = max(layer.slot_bytes() for layer in self.layers)
-        return max(0, int(self.max_bytes // (per_tok + biggest)))
+        return max(0, int(max_bytes // (per_tok + biggest)))
 
     def bytes_for_tokens(self, n: int) -> int:
         """The smallest budget for which :meth:`max_tokens` is at least n."""
@@ -293,10 +297,18 @@ class CompactedCache(Cache):
             qb.begin()
 
     def touch(self, layer_idx: int) -> None:
-        """Layer ``layer_idx`` is about to be edited in place: keep a copy for :meth:`abort`."""
+        """Layer ``layer_idx`` is about to be edited in place: keep a copy for :meth:`abort` (in host
+        memory for a CUDA cache, :attr:`undo_device`; its bytes count in :attr:`peak_undo_bytes`)."""
         txn = self._txn
         if txn is not None and layer_idx not in txn.layers:
-            txn.layers[layer_idx] = self.layers[layer_idx].snapshot()
+            txn.layers[layer_idx] = self.layers[layer_idx].snapshot(self.undo_device)
+            txn.undo_bytes += self.layers[layer_idx].nbytes
+            self.peak_undo_bytes = max(self.peak_undo_bytes, txn.undo_bytes)
+
+    @property
+    def undo_device(self) -> torch.device:
+        """Where undo copies live: host memory for an accelerator's cache (its memory is the budget's)."""
+        return torch.device("cpu")
 
     def commit(self) -> None:
         """End the operation begun last, keeping what it did."""
@@ -431,6 +443,7 @@ class CompactedCache(Cache):
         other.logical_length = self.logical_length
         other.position_offset = self.position_offset
         other.peak_bytes = self.peak_bytes
+        other.peak_undo_bytes = self.peak_undo_bytes
         if self.query_buffer is not None:
             other.query_buffer = self.query_buffer.copy()
         return other

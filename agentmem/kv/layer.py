@@ -289,15 +289,18 @@ class CacheLayer:
         for name in FIELDS:
             self.head(name, h)[a:b] = _FILL[name]
 
-    def snapshot(self) -> tuple:
-        """A copy of everything this layer holds: (k, v, beta, pos, tok, caps, lengths)."""
-        return (*(getattr(self, name).clone() for name in FIELDS), list(self._caps), list(self.lengths))
+    def snapshot(self, device: torch.device | None = None) -> tuple:
+        """A copy of everything this layer holds: (k, v, beta, pos, tok, caps, lengths), on ``device``
+        (default: the layer's own; a CUDA cache keeps its undo copies in host memory)."""
+        device = device or self.device
+        bufs = (getattr(self, name).to(device, copy=True) for name in FIELDS)
+        return (*bufs, list(self._caps), list(self.lengths))
 
     def restore(self, state: tuple) -> None:
-        """Put back a :meth:`snapshot` (the state's tensors are adopted, not copied)."""
+        """Put back a :meth:`snapshot` (the state's tensors are adopted, not copied, when on this device)."""
         *bufs, caps, lengths = state
         for name, buf in zip(FIELDS, bufs):
-            setattr(self, name, buf)
+            setattr(self, name, buf.to(self.device))
         self._set_layout(caps)
         self._bind_views()
         self.lengths = list(lengths)
