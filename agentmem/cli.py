@@ -188,7 +188,7 @@ def build_parser() -> argparse.ArgumentParser:
     chat.set_defaults(func=cmd_chat)
 
     bench = sub.add_parser("bench", help="benchmarks; their own options follow the name (see --help of each)")
-    bench.add_argument("what", choices=["quality", "reasoning", "agent", "speed", "online", "positions"])
+    bench.add_argument("what", choices=["quality", "reasoning", "agent", "speed", "online", "positions", "memory"])
     bench.add_argument("rest", nargs=argparse.REMAINDER)
     bench.set_defaults(func=cmd_bench)
 

@@ -307,7 +307,8 @@ class Engine:
                 queries, notes = self.queries(cache, plan, source)
                 phases["queries"] = time.perf_counter() - t1
             event = execute_plan(cache, plan, method, planner.name, queries, self._method_limit(queries))
-            event.work_bytes = max(event.work_bytes, prepared) + _scratch_bytes(queries)
+            pass_bytes = queries.pass_bytes if queries is not None else 0
+            event.work_bytes = max(event.work_bytes, prepared, pass_bytes) + _scratch_bytes(queries)
         for phase, seconds in phases.items():
             event.phases[phase] = event.phases.get(phase, 0.0) + seconds
         event.work_limit = self.work_limit
@@ -337,7 +338,7 @@ class Engine:
                 t0 = time.perf_counter()
                 queries, notes = self.queries(cache, sub, source)
                 events.append(execute_plan(cache, sub, method, name, queries, self._method_limit(queries)))
-                events[-1].work_bytes += _scratch_bytes(queries)
+                events[-1].work_bytes = max(events[-1].work_bytes, queries.pass_bytes) + _scratch_bytes(queries)
                 events[-1].notes[:0] = notes
                 events[-1].phases["queries"] = time.perf_counter() - t0 - events[-1].seconds
         except BaseException:
@@ -375,7 +376,8 @@ class Engine:
                 tokens = self.work_limit // 2 // per_token
                 notes.append(f"{source} queries capped at {tokens} tokens by max_work_mb={self.work_limit / MiB:.2f}")
         if source == "repeat-prefill":
-            qs = reference.repeat_prefill(self, cache, plan, max_tokens=tokens, dtype=dtype)
+            limit = None if self.work_limit is None else self.work_limit // 2  # the queries take the other half
+            qs = reference.repeat_prefill(self, cache, plan, max_tokens=tokens, dtype=dtype, max_pass_bytes=limit)
             if qs is not None:
                 return qs, notes
             notes.append("no room in the budget (or the work limit) for a repeat-prefill pass; used buffered queries")

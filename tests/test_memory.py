@@ -57,18 +57,22 @@ def test_a_bound_below_one_layers_work_is_reported_not_hidden(llama):
     check_invariants(s)
 
 
-def test_a_scratch_pass_keeps_at_most_half_the_bound_in_queries(llama):
-    s = AgentSession(
-        model=llama, max_kv_mb=None, policy={**CONTEXT, "offline_queries": "repeat-prefill"}, max_work_mb=0.25
-    )
+def test_a_scratch_pass_shrinks_its_pieces_and_keeps_at_most_half_the_bound_in_queries(tokenizer):
+    # deep enough that the queries of a short text, not the pass's attention scratch, meet the bound
+    deep = wrap_model(build_tiny("llama", len(tokenizer), num_hidden_layers=24), tokenizer, name="tiny-deep")
+    policy = {**CONTEXT, "offline_queries": "repeat-prefill"}
+    s = AgentSession(model=deep, max_kv_mb=None, policy=policy, max_work_mb=1.5)
     s.append(W * 45)
     ev = s.compact(0.5)
-    assert ev.queries == "repeat-prefill"
+    assert ev.queries == "repeat-prefill", ev.notes
     capped = [n for n in ev.notes if "repeat-prefill queries capped" in n]
     assert capped, ev.notes
     tokens = int(capped[0].split("capped at ")[1].split()[0])
     assert 16 <= tokens < len(s.transcript_ids)
     assert ev.work_bytes <= ev.work_limit, ev.notes
+    free = AgentSession(model=deep, max_kv_mb=None, policy=policy)
+    free.append(W * 45)
+    assert free.compact(0.5).work_bytes > ev.work_limit  # the bound is what kept it there
 
 
 def test_a_failure_in_a_later_layer_group_leaves_the_cache_as_it_was(llama, monkeypatch):

@@ -30,9 +30,18 @@ PROMPT = (
 
 
 def run_policy(
-    loaded, policy: str, tokens: int, max_kv_mb: float, block: int, segment: int, verbose: bool = True
+    loaded,
+    policy: str,
+    tokens: int,
+    max_kv_mb: float,
+    block: int,
+    segment: int,
+    verbose: bool = True,
+    **session_kwargs,
 ) -> dict:
-    budget = AgentSession(model=loaded, max_kv_mb=max_kv_mb, policy=policy)
+    """One policy's run (see the module docstring); ``session_kwargs`` go to the budgeted session
+    (``max_work_mb``, ``budget_covers``)."""
+    budget = AgentSession(model=loaded, max_kv_mb=max_kv_mb, policy=policy, **session_kwargs)
     full = AgentSession(model=loaded, max_kv_mb=None, policy="streaming")
     prompt = loaded.tokenizer(PROMPT)["input_ids"]
     budget.append_tokens(prompt)
@@ -100,6 +109,10 @@ def run_policy(
         "span_prefill_seconds": _prefill_seconds(loaded, list(budget.transcript_ids), span) if span else None,
         "phases": {p: sum(e.phases.get(p, 0.0) for e in events) for p in {p for e in events for p in e.phases}},
         "peak_work_bytes": st.peak_work_bytes,
+        "max_work_bytes": st.max_work_bytes,
+        "budget_bytes": st.budget_bytes,
+        "budget_covers": st.budget_covers,
+        "peak_undo_bytes": st.peak_undo_bytes,
         "query_buffer_bytes": st.query_buffer_bytes,
         "seconds": time.perf_counter() - t0,
         "sample": loaded.tokenizer.decode(list(budget.transcript_ids)[len(prompt) : len(prompt) + 300]),

@@ -32,6 +32,7 @@ class QuerySet:
     source: str
     per_layer: dict[int, torch.Tensor] = field(default_factory=dict)
     positions: dict[int, torch.Tensor] = field(default_factory=dict)
+    pass_bytes: int = 0  # a scratch pass's own transient memory (estimate), beside these queries
 
     @property
     def nbytes(self) -> int:

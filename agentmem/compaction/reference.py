@@ -101,14 +101,21 @@ def repeat_prefill(
     max_tokens: int = 2048,
     piece: int = 256,
     dtype: torch.dtype | None = None,
+    max_pass_bytes: int | None = None,
 ) -> QuerySet | None:
     """Queries of the model repeating the spans' original text after an instruction (the forward
-    autocast to ``dtype`` when given: bf16 queries cost 0.75x on an AMX CPU, same KL and recall)."""
+    autocast to ``dtype`` when given: bf16 queries cost 0.75x on an AMX CPU, same KL and recall).
+    Pieces shrink so that one forward's attention scratch (:func:`pass_bytes`) stays within
+    ``max_pass_bytes``; the estimate is returned as the query set's ``pass_bytes``."""
     span = _span_token_range(cache, plan)
     if span is None:
         return None
     instruction = runner.tokenizer(REPEAT_INSTRUCTION, add_special_tokens=False)["input_ids"]
     room = min(piece, cache.free_tokens() - len(instruction), max_tokens)
+    longest = max(layer.max_length for layer in cache.layers) + len(instruction)
+    if max_pass_bytes is not None:  # n queries over ~longest + room entries
+        per_query = pass_bytes(cache.spec, 1, longest + room)
+        room = min(room, max_pass_bytes // per_query - len(instruction))
     if room < _MIN_PIECE:
         return None
     text = list(runner.transcript_ids[span[0] : span[1]])
@@ -124,7 +131,16 @@ def repeat_prefill(
         with runner.scratch(cache, collector), _autocast(cache, dtype):
             cache.reserve(len(instruction) + len(part))
             runner.forward_chunk(cache, instruction + part, "none")
-    return collector.result("repeat-prefill")
+    queries = collector.result("repeat-prefill")
+    queries.pass_bytes = pass_bytes(cache.spec, len(instruction) + room, longest + room)
+    return queries
+
+
+def pass_bytes(spec, queries: int, keys: int) -> int:
+    """Estimate of what one forward of a scratch pass holds beside the queries it keeps: a layer's
+    attention scores and weights, fp32, for every query head (``queries`` over ``keys`` entries).
+    The larger term at any context worth compacting (the MLP's activations are per token only)."""
+    return 2 * 4 * spec.num_q_heads * queries * keys
 
 
 def self_study(
