@@ -176,7 +176,8 @@ class Engine:
         cfg, spec = policy.config, self.loaded.spec
         mode = "context" if "context" in (cfg.queries, cfg.offline_queries) else "recent"
         args = (spec.num_layers, spec.num_q_heads, spec.head_dim, cfg.query_buffer, mode)
-        return QueryBuffer(*args, self.loaded.device, self.loaded.dtype, seed=self.seed)
+        dtype = torch.bfloat16 if cfg.query_buffer_dtype == "bfloat16" else self.loaded.dtype
+        return QueryBuffer(*args, self.loaded.device, dtype, seed=self.seed)
 
     def set_policy(self, policy: Policy) -> None:
         """Switch policies mid-session. The query buffer becomes the one the new policy reads (keeping
@@ -197,7 +198,7 @@ class Engine:
                 f"{bounds[0] / MiB:.2f} MiB of the budget and holds {self.cache.kv_bytes / MiB:.2f}: compact first "
                 "or raise max_kv_mb"
             )
-        if new is not None and old is not None and (old.mode, old.capacity) == (new.mode, new.capacity):
+        if new is not None and old is not None and old.layout == new.layout:
             new = old
         elif new is not None and old is not None:
             new.absorb(old)
@@ -470,11 +471,24 @@ def _scratch_bytes(queries: QuerySet | None) -> int:
     return queries.nbytes
 
 
-def _model_call(loaded: LoadedModel, rows: Sequence[Sequence[int]], position_ids, cache, keep: str) -> torch.Tensor:
+def _model_call(
+    loaded: LoadedModel, rows: Sequence[Sequence[int]], position_ids, cache, keep: str
+) -> torch.Tensor | None:
     """The model's forward on ``rows`` (B, n) token ids at ``position_ids`` over ``cache`` (one
-    CompactedCache, or BatchedCaches for B > 1); logits (B, n or 1, V) as the model returns them."""
+    CompactedCache, or BatchedCaches for B > 1); logits (B, n or 1, V) as the model returns them.
+    ``keep="none"``: the decoder alone, no LM head (None): nothing reads the logits, and under a bf16
+    autocast the LM head's cast alone took ~60 MiB for the default model."""
     input_ids = torch.tensor([list(r) for r in rows], dtype=torch.long, device=loaded.device)
     with torch.inference_mode():
+        if keep == "none" and loaded.decoder is not loaded.model:
+            loaded.decoder(
+                input_ids=input_ids,
+                position_ids=position_ids,
+                use_cache=True,
+                agentmem_cache=cache,
+                **{loaded.decoder_cache_keyword: cache},
+            )
+            return None
         return loaded.model(
             input_ids=input_ids,
             position_ids=position_ids,

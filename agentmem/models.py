@@ -357,9 +357,16 @@ class LoadedModel:
     device: torch.device
     dtype: torch.dtype
     cache_keyword: str = field(init=False)  # how forward() takes the cache in this transformers version
+    # the decoder stack without the LM head (a forward whose logits nobody reads runs only that)
+    decoder: torch.nn.Module = field(init=False, repr=False)
+    decoder_cache_keyword: str = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
         self.cache_keyword = cache_keyword(self.model)
+        get = getattr(self.model, "get_decoder", None)
+        decoder = get() if callable(get) else None
+        self.decoder = decoder if isinstance(decoder, torch.nn.Module) else self.model
+        self.decoder_cache_keyword = cache_keyword(self.decoder)
 
 
 _LOADED: dict[tuple, LoadedModel] = {}

@@ -154,3 +154,21 @@ def test_the_work_bound_and_what_the_budget_covers_survive_save_and_load(llama, 
     )
     u = AgentSession.load(path, model=llama, budget_covers="kv", max_work_mb=0.5)
     assert (u.stats.max_kv_bytes, u.stats.max_work_bytes) == (int(1.0 * MiB), int(0.5 * MiB))
+
+
+def test_a_bf16_query_buffer_takes_half_the_memory_and_still_fits(llama, tmp_path):
+    fp32 = AgentSession(model=llama, max_kv_mb=0.06, policy="am-halve")
+    half = AgentSession(model=llama, max_kv_mb=0.06, policy={"name": "am-halve", "query_buffer_dtype": "bfloat16"})
+    for s in (fp32, half):
+        s.append(W * 20)
+    assert half.cache.query_buffer.data.dtype == torch.bfloat16
+    assert half.stats.query_buffer_bytes * 2 == fp32.stats.query_buffer_bytes
+    a = [e for e in fp32.compactions if e.method == "am"]
+    b = [e for e in half.compactions if e.method == "am"]
+    assert a and len(a) == len(b)
+    assert b[-1].fit_output_error == pytest.approx(a[-1].fit_output_error, rel=0.2, abs=0.01)
+    check_invariants(half)
+    half.policy = "am-halve"  # back to the model's dtype: the rows come along
+    assert half.cache.query_buffer.data.dtype == torch.float32 and any(half.cache.query_buffer.filled)
+    t = AgentSession.load(half.save(tmp_path / "h.agentmem"), model=llama)
+    assert fingerprint(t) == fingerprint(half)

@@ -17,6 +17,9 @@ and ``"all"`` (and ``"kv"`` at the cache share ``"all"`` leaves), against an unb
 from __future__ import annotations
 
 import argparse
+import ctypes
+import json
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -26,7 +29,7 @@ import torch
 from ..agent import AgentSession
 from ..models import load_model
 from ..units import MiB
-from .common import environment, find_document, write_report
+from .common import environment, find_document, policy_of, write_report
 from .online import run_policy
 from .quality import _kl, copy_span
 
@@ -43,7 +46,12 @@ def _status(field: str) -> int:
 
 
 def _reset_peak() -> bool:
-    """Reset VmHWM to the current resident size (Linux); False where that is not possible."""
+    """Give freed heap back to the system (glibc) and reset VmHWM to the resident size (Linux), so
+    that the next peak is what the next step adds; False where that is not possible."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
     try:
         Path("/proc/self/clear_refs").write_text("5")
         return True
@@ -51,7 +59,7 @@ def _reset_peak() -> bool:
         return False
 
 
-def offline_row(loaded, ids: list[int], cont: list[int], bound: float | None, ref) -> dict:
+def offline_row(loaded, ids: list[int], cont: list[int], bound: float | None) -> dict:
     """compact(0.5) of ``ids`` with ``max_work_mb`` = ``bound`` x the context's KV bytes (None: unbounded)."""
     probe = AgentSession(model=loaded, max_kv_mb=None)
     kv = probe.cache.bytes_for_tokens(len(ids))
@@ -69,56 +77,82 @@ def offline_row(loaded, ids: list[int], cont: list[int], bound: float | None, re
     seconds = time.perf_counter() - t0
     peak = _status("VmHWM") - rss if measured else None
     a, b = copy_span(len(ids))
-    scored = s.score(cont, return_logits=True)
+    scored, copy = s.score(cont, return_logits=True), s.score(ids[a:b])
+    st = s.stats
+    del s
+    ref = _reference(loaded, ids, cont)  # after the measurement: its memory is not the compaction's
     return {
         "context": len(ids),
         "bound": bound,
-        "max_work_bytes": s.stats.max_work_bytes,
+        "max_work_bytes": st.max_work_bytes,
         "kv_bytes_before": kv_before,
-        "kv_bytes_after": s.stats.kv_bytes,
+        "kv_bytes_after": st.kv_bytes,
         "work_bytes": event.work_bytes,
+        "undo_bytes": st.peak_undo_bytes,
         "rss_rise_bytes": peak,
         "prefill_seconds": prefill,
         "compact_seconds": seconds,
         "cost": seconds / prefill,
         "phases": event.phases,
         "kl": _kl(ref["cont"].logits, scored.logits),
-        "copy_dnll": s.score(ids[a:b]).nll - ref["copy"].nll,
+        "copy_dnll": copy.nll - ref["copy"].nll,
         "fit_output_error": event.fit_output_error,
         "notes": event.notes,
     }
 
 
-def offline(loaded, contexts: list[int], bounds: list[float], continuation: int) -> list[dict]:
+def _reference(loaded, ids: list[int], cont: list[int]) -> dict:
+    full = AgentSession(model=loaded, max_kv_mb=None)
+    full.append_tokens(ids)
+    a, b = copy_span(len(ids))
+    return {"cont": full.score(cont, return_logits=True), "copy": full.score(ids[a:b])}
+
+
+def _context(loaded, n: int, continuation: int) -> tuple[list[int], list[int]]:
     text, _ = find_document("argparse")
     all_ids = loaded.tokenizer(text)["input_ids"]
+    return all_ids[:n], all_ids[n : n + continuation]
+
+
+def offline(args) -> list[dict]:
+    """One fresh process per row, so that each one's resident-memory peak is its own."""
     rows = []
-    for n in contexts:
-        ids, cont = all_ids[:n], all_ids[n : n + continuation]
-        full = AgentSession(model=loaded, max_kv_mb=None)
-        full.append_tokens(ids)
-        a, b = copy_span(n)
-        ref = {"cont": full.score(cont, return_logits=True), "copy": full.score(ids[a:b])}
-        del full
-        for bound in [None, *bounds]:
-            rows.append(offline_row(loaded, ids, cont, bound, ref))
+    for n in args.contexts:
+        for bound in [None, *args.bounds]:
+            cmd = [sys.executable, "-m", "agentmem.bench.memory", "--model", args.model, "--row", str(n)]
+            cmd += ["--continuation", str(args.continuation)] + ([] if bound is None else ["--row-bound", str(bound)])
+            done = subprocess.run(cmd, capture_output=True, text=True, check=False)
+            if done.returncode:
+                raise RuntimeError(f"bench memory row {n} / {bound} failed:\n{done.stderr[-2000:]}")
+            rows.append(json.loads(done.stdout.strip().splitlines()[-1]))
             r = rows[-1]
             print(
                 f"[bench memory] {n} tokens, bound {bound}: work {r['work_bytes'] / MiB:.1f} MiB, "
-                f"rss +{(r['rss_rise_bytes'] or 0) / MiB:.1f} MiB, {r['cost']:.2f}x prefill, KL {r['kl']:.4f}",
+                f"undo {r['undo_bytes'] / MiB:.1f} MiB, rss +{(r['rss_rise_bytes'] or 0) / MiB:.1f} MiB, "
+                f"{r['cost']:.2f}x prefill, KL {r['kl']:.4f}",
                 file=sys.stderr,
             )
     return rows
 
 
 def online(loaded, tokens: int, max_kv_mb: float, policy: str) -> list[dict]:
+    """``max_kv_mb`` covering the cache only, then all of it (with the policy's query buffer in the
+    model's dtype and in bf16), and each "all" run's cache share covering the cache only (the same
+    cache with unbounded work and the model-dtype buffer: what the bound and the bf16 buffer cost)."""
+    bf16 = policy_of(policy) if isinstance(policy_of(policy), dict) else {"name": policy}
+    bf16 = {**bf16, "query_buffer_dtype": "bfloat16"}
+    settings = []
+    for pol, label in ((policy_of(policy), ""), (bf16, ", bf16 query buffer")):
+        probe = AgentSession(model=loaded, max_kv_mb=max_kv_mb, policy=pol, budget_covers="all")
+        share = probe.stats.max_kv_bytes / MiB  # the cache's share under "all"
+        del probe
+        if not label:
+            settings.append((max_kv_mb, "kv", pol, label))
+        settings += [(max_kv_mb, "all", pol, label), (share, "kv", policy_of(policy), "")]
     rows = []
-    probe = AgentSession(model=loaded, max_kv_mb=max_kv_mb, policy=policy, budget_covers="all")
-    share = probe.stats.max_kv_bytes / MiB  # the cache's share under "all"
-    del probe
-    for mb, covers in ((max_kv_mb, "kv"), (max_kv_mb, "all"), (share, "kv")):
-        row = run_policy(loaded, policy, tokens, mb, 256, tokens, verbose=False, budget_covers=covers)
-        row["setting"] = f"max_kv_mb={mb:.2f}, budget_covers={covers}"
+    for mb, covers, pol, label in settings:
+        row = run_policy(loaded, pol, tokens, mb, 256, tokens, verbose=False, budget_covers=covers)
+        row["setting"] = f"max_kv_mb={mb:.2f}, budget_covers={covers}{label}"
         rows.append(row)
         print(f"[bench memory] online {row['setting']}: KL {row['kl']:.4f}", file=sys.stderr)
     return rows
@@ -138,18 +172,22 @@ def to_markdown(data: dict, command: str) -> str:
         "## Offline: `compact(0.5)`, default policy (repeat-prefill queries, global head budgets)",
         "",
         "Bound: `max_work_mb` as a multiple of the context's KV bytes. Work: the compaction's own estimate;",
-        "RSS rise: the process's peak resident memory over its level right before the compaction (VmHWM).",
+        "undo: the copies of the layers it compacted that `compact()` keeps until it completes (host memory);",
+        "RSS rise: the process's peak resident memory over its level right before the compaction (VmHWM;",
+        "it reuses memory freed earlier, so it can read below work + undo).",
         "Cost: compaction seconds / prefill seconds of the same session. KL: next-token distributions of",
         "the following tokens vs the uncompacted context; copy dNLL: reproducing an earlier passage.",
         "",
-        "| context | KV MiB | bound | max work MiB | work MiB | RSS rise MiB | cost (x prefill) | KL | copy dNLL |",
-        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| context | KV MiB | bound | max work MiB | work MiB | undo MiB | RSS rise MiB | cost (x prefill) | KL "
+        "| copy dNLL |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in data["offline"]:
         bound = "none" if r["bound"] is None else f"{r['bound']:g}x KV"
         out.append(
             f"| {r['context']} | {_mb(r['kv_bytes_before'])} | {bound} | {_mb(r['max_work_bytes'])} | "
-            f"{_mb(r['work_bytes'])} | {_mb(r['rss_rise_bytes'])} | {r['cost']:.2f} | {r['kl']:.4f} | "
+            f"{_mb(r['work_bytes'])} | {_mb(r.get('undo_bytes'))} | {_mb(r['rss_rise_bytes'])} | {r['cost']:.2f} | "
+            f"{r['kl']:.4f} | "
             f"{r['copy_dnll']:+.3f} |"
         )
     notes = sorted({n for r in data["offline"] for n in r["notes"] if "capped" in n or "groups" in n})
@@ -192,14 +230,22 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--policy", default="am-halve")
     p.add_argument("--out", type=Path, default=Path("docs/benchmarks"))
     p.add_argument("--name", default="memory")
+    p.add_argument("--row", type=int, help=argparse.SUPPRESS)  # one offline row, as JSON on stdout
+    p.add_argument("--row-bound", type=float, help=argparse.SUPPRESS)
     argv = sys.argv[1:] if argv is None else argv
     args = p.parse_args(argv)
     torch.manual_seed(0)
+    if args.row:
+        loaded = load_model(args.model)
+        ids, cont = _context(loaded, args.row, args.continuation)
+        print(json.dumps(offline_row(loaded, ids, cont, args.row_bound)))
+        return 0
+    offline_rows = offline(args)
     loaded = load_model(args.model)
     data = {
         "model": loaded.name,
         "environment": environment(str(loaded.device)),
-        "offline": offline(loaded, args.contexts, args.bounds, args.continuation),
+        "offline": offline_rows,
         "online_tokens": args.online_tokens,
         "policy": args.policy,
         "max_kv_mb": args.max_kv_mb,

@@ -140,9 +140,10 @@ class AttentionMatching:
                 beta = torch.stack([layer.head("beta", h)[:length] for layer, (_, h, _) in zip(layers, batch)])
                 q = torch.stack([qs[r][h] for r, h, _ in batch])
                 stacked = 4 * len(batch) * d * (length + n)
+                kept = _ranking_bytes(requests)
                 logits = work  # a block of logits (and as many weights)
-                if report.work_limit is not None:  # what one long head's keys and queries leave of the bound
-                    logits = min(work, max(4 * len(batch) * length, (report.work_limit - stacked) // 2))
+                if report.work_limit is not None:  # what the stacked heads and the rankings so far leave of the bound
+                    logits = min(work, max(4 * len(batch) * length, (report.work_limit - stacked - kept) // 2))
                 scores, ranked = head_pass(
                     k,
                     beta,
@@ -155,12 +156,12 @@ class AttentionMatching:
                     work_bytes=logits,
                 )
                 rows = min(n, max(1, logits // (4 * len(batch) * length)))
-                report.held(stacked + 2 * 4 * len(batch) * length * rows)
+                report.held(stacked + 2 * 4 * len(batch) * length * rows + kept)
                 for b, (r, h, _) in enumerate(batch):
                     if entry:
                         requests[r].scores[h] = scores[b]
-                    for sc in ranked[b]:
-                        requests[r].ranked[(h, sc.start, sc.end)] = sc
+                    for sc in ranked[b]:  # only the fit rows of the shares are kept (less to hold)
+                        requests[r].ranked[(h, sc.start, sc.end)] = sc.top_queries(self.fit_query_cap)
 
     def prepare(
         self, cache: CompactedCache, requests: list[SpanRequest], queries: QuerySet, report: CompactionReport
@@ -187,11 +188,10 @@ class AttentionMatching:
         out = []
         for i, (cs, ce, _) in enumerate(split_chunks(start, end, 0, self.chunk)):
             sel = chosen[(chosen >= cs) & (chosen < ce)]
-            rows = None
-            if ranked.shares.shape[1] > self.fit_query_cap:
-                # fit on the queries that attend to this chunk the most: for the others the chunk's
-                # share of attention is small, and so is the effect of its compaction error
-                rows = torch.topk(ranked.shares[i], self.fit_query_cap).indices.sort().values
+            # fit on the queries that attend to this chunk the most (all of them when there are no more
+            # than fit_query_cap): for the others its share of attention is small, and so is the
+            # effect of its compaction error
+            rows = None if ranked.rows is None else ranked.rows[i]
             out.append(Chunk(cs, ce, int(sel.numel()), sel, rows))
         return out
 
@@ -240,14 +240,15 @@ class AttentionMatching:
         report.timed("scores", t1 - t0)
 
         fitted: dict[tuple[int, int, int], Block] = {}
+        ranking = _ranking_bytes(requests)  # held until the fits are done
         for (length, _, n_fit, scale), members in jobs.items():
             size = self.work_bytes // (4 * n_fit * length)  # logits of a batch: a speed choice
             if report.work_limit is not None:  # all a batch holds (logits, weights, products): a memory bound
-                size = min(size, report.work_limit // (3 * 4 * n_fit * length))
+                size = min(size, (report.work_limit - ranking) // (3 * 4 * n_fit * length))
             size = max(1, size)
             for a in range(0, len(members), size):
                 batch = members[a : a + size]
-                report.held(3 * 4 * len(batch) * n_fit * length)  # logits, weights and their products
+                report.held(3 * 4 * len(batch) * n_fit * length + ranking)  # logits, weights and their products
                 self._fit(cache, requests, qs, batch, scale, fitted, report)
         report.timed("fits", time.perf_counter() - t1)
 
@@ -334,6 +335,15 @@ class AttentionMatching:
                 report.notes.append(f"layer {layer_idx} head {h} slots {cs}+: value fit failed, copied values")
         report.output_errors += res.output_error.tolist()
         report.mass_errors += res.mass_error.tolist()
+
+
+def _ranking_bytes(requests: list[SpanRequest]) -> int:
+    """Bytes of the scores and span rankings the requests hold (kept from the scoring pass to the fits)."""
+    out = 0
+    for r in requests:
+        out += sum(t.numel() * t.element_size() for t in r.scores.values())
+        out += sum(sc.nbytes for sc in r.ranked.values())
+    return out
 
 
 def _selection_dtype(name: str, device: torch.device) -> torch.dtype:

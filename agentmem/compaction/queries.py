@@ -76,7 +76,8 @@ class QueryBuffer:
 
     mode ``recent``: the last ``capacity`` query tokens (a ring). mode ``context``: a uniform
     reservoir sample of ``capacity`` tokens over everything read. Memory: layers x capacity x H_q x d
-    floats in the model dtype, reported as ``query_buffer_bytes`` (not part of the KV budget).
+    floats in ``dtype`` (the model's, or bf16: ``query_buffer_dtype``), reported as
+    ``query_buffer_bytes`` (outside the KV budget unless the session's budget covers all).
     """
 
     def __init__(
@@ -106,6 +107,11 @@ class QueryBuffer:
     @property
     def nbytes(self) -> int:
         return self.data.numel() * self.data.element_size()
+
+    @property
+    def layout(self) -> tuple:
+        """(mode, capacity, dtype): buffers of one layout can stand in for each other."""
+        return self.mode, self.capacity, self.data.dtype
 
     def push(self, layer: int, query: torch.Tensor, positions: torch.Tensor | None = None) -> None:
         """query (1, H_q, n, d) as the attention function sees it; positions (n,) its RoPE positions."""
@@ -157,7 +163,7 @@ class QueryBuffer:
         for layer in layers:
             k = self.filled[layer]
             if k:
-                out[layer] = self.data[layer, :k].transpose(0, 1).float()  # (H_q, k, d)
+                out[layer] = self.data[layer, :k].transpose(0, 1)  # (H_q, k, d) a view; consumers cast per block
                 if bool((self.pos[layer, :k] >= 0).all()):
                     pos[layer] = self.pos[layer, :k].clone()
         return QuerySet(source=self.mode, per_layer=out, positions=pos)

@@ -34,12 +34,26 @@ _TINY_MASS = 1e-30  # a query whose weight on a span underflowed: its span softm
 class SpanScores:
     """Scores of span [start, end) of one head: ``keys`` (T,) fp32 under the span's own softmax
     (-1 where the entry's beta is -inf) and ``shares`` (chunks, n) each query's attention share on
-    each chunk of the span (rows sum to 1 over chunks)."""
+    each chunk of the span (rows sum to 1 over chunks) -- or, once only the top ones matter
+    (:meth:`top_queries`), ``rows`` (chunks, k) the k queries with the largest share per chunk."""
 
     start: int
     end: int
     keys: torch.Tensor
-    shares: torch.Tensor
+    shares: torch.Tensor | None
+    rows: torch.Tensor | None = None
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.keys, self.shares, self.rows) if t is not None)
+
+    def top_queries(self, k: int) -> SpanScores:
+        """The same scores keeping, per chunk, only the indices of the k queries with the largest
+        share (ascending) instead of every query's share; itself when there are no more than k."""
+        if self.shares is None or self.shares.shape[1] <= k:
+            return self
+        rows = torch.topk(self.shares, k, dim=1).indices.sort(dim=1).values  # (chunks, k)
+        return SpanScores(self.start, self.end, self.keys, None, rows)
 
 
 def head_pass(

@@ -57,6 +57,11 @@ class SpanConfig(BaseModel):
         default="repeat-prefill", description="reference queries for session.compact(ratio)"
     )
     query_buffer: int = Field(default=128, ge=1, description="tokens kept by the recent/context query buffer")
+    query_buffer_dtype: Literal["model", "bfloat16"] = Field(
+        default="model",
+        description="what the query buffer stores its queries in: the model's dtype, or bf16 (half the memory of "
+        "an fp32 model's buffer; fits and scores still compute in fp32)",
+    )
     query_tokens: int = Field(
         default=2048,
         ge=16,
