@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import ctypes
 import json
+import os
 import subprocess
 import sys
 import time
@@ -114,17 +115,25 @@ def _context(loaded, n: int, continuation: int) -> tuple[list[int], list[int]]:
     return all_ids[:n], all_ids[n : n + continuation]
 
 
+def _row(args, n: int, bound: float | None, env: dict | None = None) -> dict:
+    cmd = [sys.executable, "-m", "agentmem.bench.memory", "--model", args.model, "--row", str(n)]
+    cmd += ["--continuation", str(args.continuation)] + ([] if bound is None else ["--row-bound", str(bound)])
+    done = subprocess.run(cmd, capture_output=True, text=True, check=False, env=env)
+    if done.returncode:
+        raise RuntimeError(f"bench memory row {n} / {bound} failed:\n{done.stderr[-2000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
 def offline(args) -> list[dict]:
-    """One fresh process per row, so that each one's resident-memory peak is its own."""
+    """One fresh process per row, so that each one's resident-memory peak is its own; each row runs
+    twice, the second time with glibc's mmap threshold fixed at 1 MiB (freed large blocks go back to
+    the system at once, so the peak is live memory rather than the allocator's fragmentation)."""
     rows = []
+    live_env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": str(MiB)}
     for n in args.contexts:
         for bound in [None, *args.bounds]:
-            cmd = [sys.executable, "-m", "agentmem.bench.memory", "--model", args.model, "--row", str(n)]
-            cmd += ["--continuation", str(args.continuation)] + ([] if bound is None else ["--row-bound", str(bound)])
-            done = subprocess.run(cmd, capture_output=True, text=True, check=False)
-            if done.returncode:
-                raise RuntimeError(f"bench memory row {n} / {bound} failed:\n{done.stderr[-2000:]}")
-            rows.append(json.loads(done.stdout.strip().splitlines()[-1]))
+            rows.append(_row(args, n, bound))
+            rows[-1]["rss_live_rise_bytes"] = _row(args, n, bound, live_env)["rss_rise_bytes"]
             r = rows[-1]
             print(
                 f"[bench memory] {n} tokens, bound {bound}: work {r['work_bytes'] / MiB:.1f} MiB, "
@@ -173,20 +182,22 @@ def to_markdown(data: dict, command: str) -> str:
         "",
         "Bound: `max_work_mb` as a multiple of the context's KV bytes. Work: the compaction's own estimate;",
         "undo: the copies of the layers it compacted that `compact()` keeps until it completes (host memory);",
-        "RSS rise: the process's peak resident memory over its level right before the compaction (VmHWM;",
-        "it reuses memory freed earlier, so it can read below work + undo).",
+        "RSS rise: the process's peak resident memory over its level right before the compaction (VmHWM after",
+        "`malloc_trim`, a fresh process per row) with glibc's default allocator, and *live*: the same run with",
+        "`MALLOC_MMAP_THRESHOLD_=1048576` (large blocks returned at once: live memory, not fragmentation).",
         "Cost: compaction seconds / prefill seconds of the same session. KL: next-token distributions of",
         "the following tokens vs the uncompacted context; copy dNLL: reproducing an earlier passage.",
         "",
-        "| context | KV MiB | bound | max work MiB | work MiB | undo MiB | RSS rise MiB | cost (x prefill) | KL "
-        "| copy dNLL |",
-        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| context | KV MiB | bound | max work MiB | work MiB | undo MiB | RSS rise MiB | live RSS rise MiB "
+        "| cost (x prefill) | KL | copy dNLL |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in data["offline"]:
         bound = "none" if r["bound"] is None else f"{r['bound']:g}x KV"
         out.append(
             f"| {r['context']} | {_mb(r['kv_bytes_before'])} | {bound} | {_mb(r['max_work_bytes'])} | "
-            f"{_mb(r['work_bytes'])} | {_mb(r.get('undo_bytes'))} | {_mb(r['rss_rise_bytes'])} | {r['cost']:.2f} | "
+            f"{_mb(r['work_bytes'])} | {_mb(r.get('undo_bytes'))} | {_mb(r['rss_rise_bytes'])} | "
+            f"{_mb(r.get('rss_live_rise_bytes'))} | {r['cost']:.2f} | "
             f"{r['kl']:.4f} | "
             f"{r['copy_dnll']:+.3f} |"
         )

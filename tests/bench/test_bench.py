@@ -195,3 +195,36 @@ def test_speed_and_online_time_reports_on_a_tiny_model(tiny_llama):
     assert res["compactions"] > 0 and 0 < res["compaction_share"] < 1
     assert res["halving_seconds"] > 0 and res["span_prefill_seconds"] > 0 and res["span_tokens"] > 0
     assert res["peak_work_bytes"] > 0 and res["query_buffer_bytes"] > 0
+
+
+def test_memory_report_on_a_tiny_model(tiny_llama):
+    """bench memory: an offline row with and without a work bound (its estimate within the bound,
+    the resident-memory rise measured where Linux allows it), the online settings that share one
+    budget, and the report."""
+    from agentmem.bench import memory
+
+    _, loaded = tiny_llama
+    ids = loaded.tokenizer(retrieval.tool_output(40, seed=1)[0])["input_ids"]
+    ctx, cont = ids[:300], ids[300:332]
+    free, bound = memory.offline_row(loaded, ctx, cont, None), memory.offline_row(loaded, ctx, cont, 0.5)
+    assert free["max_work_bytes"] is None and bound["max_work_bytes"] == pytest.approx(free["kv_bytes_before"] / 2, 0.1)
+    assert free["kl"] >= 0 and bound["kl"] >= 0 and free["undo_bytes"] > 0
+    rows = memory.online(loaded, 60, 0.1, "am-halve:query_buffer=16")
+    settings = [r["setting"] for r in rows]
+    assert len(rows) == 5 and "budget_covers=all" in settings[1] and "bf16" in settings[3], settings
+    for r in rows:
+        assert r["compactions"] > 0, r["setting"]
+        if "budget_covers=all" in r["setting"]:
+            assert r["peak_kv_bytes"] + r["query_buffer_bytes"] + r["peak_work_bytes"] <= r["budget_bytes"], r
+    md = memory.to_markdown(
+        {
+            "model": "tiny",
+            "environment": {"device": "cpu", "cpu": "x", "torch_threads": 1},
+            "offline": [free, bound],
+            "online": rows,
+            "online_tokens": 60,
+            "policy": "am-halve",
+        },
+        "cmd",
+    )
+    assert "| 300 |" in md and "budget_covers=all" in md
