@@ -14,6 +14,13 @@ def _add_session_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=DEFAULT_MODEL, help="smollm2-135m (default), gemma3-270m, a HF dir or a .gguf")
     p.add_argument("--max-kv-mb", type=float, default=64.0, help="KV budget in MiB (default 64)")
     p.add_argument(
+        "--budget-covers",
+        choices=["kv", "all"],
+        default="kv",
+        help="kv: --max-kv-mb bounds the cache; all: the cache, query buffer and compaction work together",
+    )
+    p.add_argument("--max-work-mb", type=float, default=None, help="bound on one compaction's working memory (MiB)")
+    p.add_argument(
         "--policy",
         default=None,
         help="am-halve (default), streaming, truncate, h2o, snapkv, kvzip, a preset name or a .json/.toml file",
@@ -33,6 +40,8 @@ def _session(args):
         device=args.device,
         dtype=args.dtype,
         seed=args.seed,
+        max_work_mb=args.max_work_mb,
+        budget_covers=args.budget_covers,
     )
 
 
@@ -146,6 +155,8 @@ def cmd_serve(args) -> int:
         port=args.port,
         max_kv_mb=args.max_kv_mb,
         max_kv_mb_limit=args.max_kv_mb_limit,
+        budget_covers=args.budget_covers,
+        max_work_mb=args.max_work_mb,
         policy=args.policy,
         max_body_bytes=int(args.max_body_mb * MiB),
         max_sessions=args.max_sessions,

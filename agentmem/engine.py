@@ -16,6 +16,7 @@ from contextlib import contextmanager
 
 import torch
 
+from .budget import MemoryBudget
 from .compaction import reference
 from .compaction.driver import execute_plan
 from .compaction.plan import CompactionPlan, CompactionReport
@@ -56,15 +57,13 @@ class Engine:
         max_work_bytes: int | None = None,
         budget_covers: str = "kv",
     ):
-        if budget_covers not in ("kv", "all"):
-            raise ValueError(f"budget_covers must be 'kv' or 'all', not {budget_covers!r}")
+        self.budget = MemoryBudget(max_kv_bytes, budget_covers, max_work_bytes)  # validates the settings
         self.loaded = loaded
         self.policy = policy
         self.positions = positions
         self.seed = seed
-        self.budget_bytes, self.budget_covers, self.work_setting = max_kv_bytes, budget_covers, max_work_bytes
         query_buffer = self._query_buffer_for(policy)
-        cache_bytes, self.work_limit = self._split_budget(query_buffer)
+        cache_bytes, self.work_limit = self.budget.split(_nbytes(query_buffer))
         self.cache = CompactedCache(loaded.spec, loaded.dtype, loaded.device, cache_bytes)
         cap = self.cache.max_tokens()
         self.chunk_tokens = max(1, min(chunk_tokens, cap // 4))
@@ -75,7 +74,7 @@ class Engine:
         if cap < need:
             mib = round(max_kv_bytes / MiB, 4)
             share = "" if cache_bytes == max_kv_bytes else f" (budget_covers='all': {cache_bytes / MiB:.2f} MiB of KV)"
-            least = self.budget_for(self.cache.bytes_for_tokens(need), query_buffer)
+            least = self.budget.total_for(self.cache.bytes_for_tokens(need), _nbytes(query_buffer))
             raise BudgetError(
                 f"max_kv_mb={mib:g}{share} holds {cap} tokens of {loaded.spec.name} "
                 f"({self.cache.bytes_per_token()} bytes each); policy {policy.name!r} needs at least "
@@ -88,38 +87,6 @@ class Engine:
         self.pending: list[int] = []
         self.started = False
         self.cache.query_buffer = query_buffer
-
-    def budget_for(self, cache_bytes: int, query_buffer: QueryBuffer | None = ...) -> int:
-        """The smallest ``max_kv_mb`` (in bytes) whose cache share is ``cache_bytes`` (the inverse of
-        :meth:`_split_budget`; ``query_buffer``: default the cache's)."""
-        if self.budget_covers == "kv":
-            return cache_bytes
-        query_buffer = self.cache.query_buffer if query_buffer is ... else query_buffer
-        ring = query_buffer.nbytes if query_buffer is not None else 0
-        work = self.work_setting if self.work_setting is not None else -(-cache_bytes // 2)
-        return cache_bytes + ring + work
-
-    def _split_budget(self, query_buffer: QueryBuffer | None) -> tuple[int | None, int | None]:
-        """(the cache's byte bound, the bound on one compaction's work) from the session's budget.
-
-        ``budget_covers="kv"``: the budget bounds the cache; work is bounded by ``max_work_bytes``
-        (None: by the methods' own batch sizes and ``query_tokens`` only). ``"all"``: the budget bounds
-        cache + query buffer + work; the work gets ``max_work_bytes``, by default a third of what the
-        query buffer leaves (half the cache's share)."""
-        budget, work = self.budget_bytes, self.work_setting
-        if budget is None or self.budget_covers == "kv":
-            return budget, work
-        ring = query_buffer.nbytes if query_buffer is not None else 0
-        rest = budget - ring
-        if work is None:
-            work = rest // 3
-        if rest - work <= 0:
-            raise BudgetError(
-                f"max_kv_mb={round(budget / MiB, 4):g} with budget_covers='all' must cover the query buffer "
-                f"({ring / MiB:.2f} MiB) and compaction work ({max(work, 0) / MiB:.2f} MiB) besides the cache: "
-                "raise max_kv_mb, lower max_work_mb or the policy's query_buffer"
-            )
-        return rest - work, work
 
     # ------------------------------------------------------------------ tokens in, logits out
     def read(self, ids: Sequence[int], record: list[CompactionEvent] | None) -> None:
@@ -185,7 +152,7 @@ class Engine:
         over the newest tokens read, after the old policy has made room for it if it must."""
         policy.attach(self.loaded.spec)
         old, new = self.cache.query_buffer, self._query_buffer_for(policy)
-        bounds = self._split_budget(new)  # budget_covers="all": a policy's query buffer changes the cache's share
+        bounds = self.budget.split(_nbytes(new))  # covering all: a policy's query buffer changes the cache's share
         cap, pinned = self.cache.max_tokens(bounds[0]), sum(b - a for a, b in self.pinned)
         if bounds[0] is not None and not policy.has_room(cap, pinned, 1):
             raise BudgetError(
@@ -462,6 +429,10 @@ class Engine:
 
 def _ignore_queries(layer: int, query: torch.Tensor) -> None:
     return None
+
+
+def _nbytes(buffer: QueryBuffer | None) -> int:
+    return buffer.nbytes if buffer is not None else 0
 
 
 def _scratch_bytes(queries: QuerySet | None) -> int:

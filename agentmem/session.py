@@ -94,10 +94,6 @@ class Session:
             raise BudgetError(f"max_kv_mb must be > 0 (got {max_kv_mb}); use None for an unbounded cache")
         if max_work_mb is not None and not (is_number(max_work_mb) and max_work_mb > 0):
             raise BudgetError(f"max_work_mb must be a number > 0 (got {max_work_mb!r}); use None for the default")
-        if budget_covers not in ("kv", "all"):
-            raise ValueError(f"budget_covers must be 'kv' or 'all' (got {budget_covers!r})")
-        if budget_covers == "all" and max_kv_mb is None:
-            raise BudgetError("budget_covers='all' needs a max_kv_mb to cover: give one, or use budget_covers='kv'")
         if chunk_tokens < 1:
             raise ValueError(f"chunk_tokens must be >= 1 (got {chunk_tokens})")
         if not is_number(pin_turn) or not 0 <= pin_turn <= 1:
@@ -211,7 +207,7 @@ class Session:
             peak_work_bytes=max((e.work_bytes for e in self.compactions), default=0),
             max_work_bytes=self.engine.work_limit,
             budget_bytes=self.max_kv_bytes,
-            budget_covers=self.engine.budget_covers,
+            budget_covers=self.engine.budget.covers,
             peak_undo_bytes=c.peak_undo_bytes,
             undo_device=c.undo_device.type,
         )
@@ -735,8 +731,8 @@ class Session:
                 "policy": self.policy.config.model_dump(mode="json"),
                 "positions": self.positions.model_dump(mode="json"),
                 "max_kv_bytes": self.max_kv_bytes,
-                "max_work_bytes": engine.work_setting,
-                "budget_covers": engine.budget_covers,
+                "max_work_bytes": engine.budget.work,
+                "budget_covers": engine.budget.covers,
                 "chunk_tokens": engine.chunk_tokens,
                 "session": {
                     "pending": list(engine.pending),

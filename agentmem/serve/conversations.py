@@ -52,7 +52,7 @@ from collections import OrderedDict
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
@@ -72,6 +72,10 @@ class ServerConfig(BaseModel):
     max_kv_mb: float = Field(default=64.0, gt=0.0, description="default KV budget of a conversation (MiB)")
     max_kv_mb_limit: float = Field(default=1024.0, gt=0.0, description="largest max_kv_mb a request may ask for")
     policy: str | None = None
+    budget_covers: Literal["kv", "all"] = Field(
+        default="kv", description="kv: max_kv_mb bounds a conversation's cache; all: its cache, query buffer and work"
+    )
+    max_work_mb: float | None = Field(default=None, gt=0.0, description="bound on one compaction's working memory")
     max_body_bytes: int = Field(default=8 * MiB, ge=1024)
     max_sessions: int = Field(default=32, ge=1)
     max_new_tokens: int = Field(default=512, ge=1, description="when the request gives no max_tokens")
@@ -171,7 +175,13 @@ class Conversations:
     def _new_session(self, max_kv_mb: float) -> AgentSession:
         cfg = self.config
         return AgentSession(
-            self.loaded, max_kv_mb=max_kv_mb, policy=cfg.policy, seed=cfg.seed, auto_recall=cfg.auto_recall
+            self.loaded,
+            max_kv_mb=max_kv_mb,
+            policy=cfg.policy,
+            seed=cfg.seed,
+            auto_recall=cfg.auto_recall,
+            max_work_mb=cfg.max_work_mb,
+            budget_covers=cfg.budget_covers,
         )
 
     def conversation(self, conv_id: str | None, max_kv_mb: float | None) -> tuple[Conversation, bool]:

@@ -211,3 +211,21 @@ def test_a_client_that_hangs_up_on_a_whole_reply_cancels_it(server, client):
     while (session.stats.logical_tokens, len(session.messages)) != before and time.monotonic() < deadline:
         time.sleep(0.05)
     assert (session.stats.logical_tokens, len(session.messages)) == before
+
+
+def test_the_server_gives_conversations_the_memory_settings_it_was_started_with(loaded):
+    from agentmem.cli import build_parser
+
+    args = build_parser().parse_args(["serve", "--budget-covers", "all", "--max-work-mb", "0.05"])
+    assert (args.budget_covers, args.max_work_mb) == ("all", 0.05)
+    app = AgentMemServer(loaded, max_kv_mb=0.5, max_new_tokens=4, budget_covers="all", max_work_mb=0.05)
+    app.start(port=0)
+    try:
+        client = openai.OpenAI(base_url=app.url + "/v1", api_key="x", max_retries=0, timeout=60)
+        conv = {"X-Conversation-Id": "mem"}
+        client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "Hi"}], extra_headers=conv)
+        st = app.session("mem").stats
+        assert (st.budget_covers, st.max_work_bytes, st.budget_bytes) == ("all", int(0.05 * 2**20), int(0.5 * 2**20))
+        assert st.max_kv_bytes + st.query_buffer_bytes + st.max_work_bytes <= st.budget_bytes
+    finally:
+        app.shutdown()
