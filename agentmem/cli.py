@@ -53,6 +53,12 @@ def _print_stats(session) -> None:
         f"{st.logical_tokens} tokens read, {st.physical_tokens:.0f} stored, {len(st.compactions)} compactions",
         file=sys.stderr,
     )
+    print(
+        f"[agentmem] beside the cache: query buffer {st.query_buffer_bytes / MiB:.2f} MiB, compaction work peak "
+        f"{st.peak_work_bytes / MiB:.2f} MiB, undo copies peak {st.peak_undo_bytes / MiB:.2f} MiB ({st.undo_device})"
+        + (f"; max_kv_mb covers all: {st.budget_bytes / MiB:.2f} MiB" if st.budget_covers == "all" else ""),
+        file=sys.stderr,
+    )
 
 
 def _stream_to_terminal(events, summary: bool = True):
