@@ -125,7 +125,7 @@ class Engine:
             list(self.pending),
             self.started,
             self.policy,
-            (self.cache.max_bytes, self.work_limit),
+            (self.cache.max_bytes, self.work_limit, self.chunk_tokens),
         )
 
     def restore(self, mark: tuple) -> None:
@@ -134,7 +134,7 @@ class Engine:
         self.pinned[:] = pinned
         del self.compactions[n_events:]
         self.pending, self.started, self.policy = pending, started, policy
-        self.cache.max_bytes, self.work_limit = bounds
+        self.cache.max_bytes, self.work_limit, self.chunk_tokens = bounds
 
     def _query_buffer_for(self, policy: Policy) -> QueryBuffer | None:
         """The query buffer a policy's methods read (None for policies that need no queries)."""
@@ -160,11 +160,16 @@ class Engine:
                 "raise max_kv_mb or pin less"
             )
         if bounds[0] is not None and self.cache.kv_bytes > bounds[0]:
+            self.cache.shrink_to_fit()  # spare capacity first (an abort puts it back)
+        if bounds[0] is not None and self.cache.kv_bytes > bounds[0]:
             raise BudgetError(
                 f"with policy {policy.name!r} (query buffer {new.nbytes / MiB if new else 0:.2f} MiB) the cache gets "
                 f"{bounds[0] / MiB:.2f} MiB of the budget and holds {self.cache.kv_bytes / MiB:.2f}: compact first "
                 "or raise max_kv_mb"
             )
+        # the new share holds from here on: the scratch pass below must fit it (an abort restores the old)
+        self.cache.max_bytes, self.work_limit = bounds
+        self.chunk_tokens = max(1, min(self.chunk_tokens, cap // 4))
         if new is not None and old is not None and old.layout == new.layout:
             new = old
         elif new is not None and old is not None:
@@ -177,7 +182,6 @@ class Engine:
                 self.forward_chunk(self.cache, recent, "none")
         self.policy = policy
         self.cache.query_buffer = new
-        self.cache.max_bytes, self.work_limit = bounds
 
     @property
     def tokenizer(self):
@@ -265,7 +269,7 @@ class Engine:
             t1 = time.perf_counter()
             report = CompactionReport(work_limit=self._method_limit(queries))
             method.prepare(cache, plan.requests, queries, report)  # the method's own pass scores the entries once
-            planner.allocate(plan, cache, queries)
+            planner.allocate(plan, cache, queries, report)
             phases, prepared = {"queries": t1 - t0, "scores": time.perf_counter() - t1}, report.work_bytes
         if method.needs_queries and groups > 1 and source in ("repeat-prefill", "self-study"):
             event = self._execute_on_policy(cache, plan, method, source, groups, planner.name)

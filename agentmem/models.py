@@ -363,8 +363,10 @@ class LoadedModel:
 
     def __post_init__(self) -> None:
         self.cache_keyword = cache_keyword(self.model)
-        get = getattr(self.model, "get_decoder", None)
-        decoder = get() if callable(get) else None
+        try:  # a model without a usable decoder stack runs whole
+            decoder = self.model.get_decoder()
+        except Exception:  # noqa: BLE001 -- any failure: the full model is always correct
+            decoder = None
         self.decoder = decoder if isinstance(decoder, torch.nn.Module) else self.model
         self.decoder_cache_keyword = cache_keyword(self.decoder)
 

@@ -172,3 +172,21 @@ def test_a_bf16_query_buffer_takes_half_the_memory_and_still_fits(llama, tmp_pat
     assert half.cache.query_buffer.data.dtype == torch.float32 and any(half.cache.query_buffer.filled)
     t = AgentSession.load(half.save(tmp_path / "h.agentmem"), model=llama)
     assert fingerprint(t) == fingerprint(half)
+
+
+def test_a_policy_switch_under_budget_covers_all_keeps_the_cache_in_its_new_share(llama):
+    s = AgentSession(model=llama, max_kv_mb=1.0, policy="streaming", budget_covers="all")
+    s.append(W * 60)
+    before = fingerprint(s)
+    with pytest.raises(BudgetError, match="cache gets"):  # 0.53 MiB held, 0.47 would be left: refused as it was
+        s.policy = {"name": "am-halve", "query_buffer": 400}
+    assert fingerprint(s) == before and s.stats.max_kv_bytes > s.cache.kv_bytes
+    s = AgentSession(model=llama, max_kv_mb=1.0, policy="streaming", budget_covers="all")
+    s.append(W * 20)
+    s.policy = {"name": "am-halve", "query_buffer": 400}  # a bigger buffer: a smaller share for the cache
+    st = s.stats
+    assert st.max_kv_bytes + st.query_buffer_bytes + st.max_work_bytes <= st.budget_bytes
+    assert st.kv_bytes <= st.max_kv_bytes and s.cache.fits(1)
+    assert s.engine.chunk_tokens <= s.cache.max_tokens() // 4
+    s.generate(" the", max_new_tokens=20)
+    check_invariants(s)

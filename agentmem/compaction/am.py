@@ -15,7 +15,7 @@ from ..units import MiB
 from .fit import REDUCTIONS, attention_match
 from .plan import QUERY_CAP, CompactionReport, Replacement, SpanRequest, split_target
 from .queries import QuerySet
-from .scores import WORK_BYTES, head_pass
+from .scores import WORK_BYTES, head_pass, held_bytes
 
 _T_BUCKET = 64  # chunks whose targets differ by less than this are fitted in one padded batch
 
@@ -139,11 +139,12 @@ class AttentionMatching:
                 k = torch.stack([layer.head("k", h)[:length] for layer, (_, h, _) in zip(layers, batch)])
                 beta = torch.stack([layer.head("beta", h)[:length] for layer, (_, h, _) in zip(layers, batch)])
                 q = torch.stack([qs[r][h] for r, h, _ in batch])
-                stacked = 4 * len(batch) * d * (length + n)
-                kept = _ranking_bytes(requests)
+                chunks = sum(len(edges) - 1 for _, _, edges in batch[0][2])
+                fixed = held_bytes(len(batch), length, n, d, chunks, 0) - 8 * len(batch) * length  # all but the block
+                kept = sum(r.held_bytes for r in requests)
                 logits = work  # a block of logits (and as many weights)
-                if report.work_limit is not None:  # what the stacked heads and the rankings so far leave of the bound
-                    logits = min(work, max(4 * len(batch) * length, (report.work_limit - stacked - kept) // 2))
+                if report.work_limit is not None:  # what the stacked heads, shares and rankings leave of the bound
+                    logits = min(work, max(4 * len(batch) * length, (report.work_limit - fixed - kept) // 2))
                 scores, ranked = head_pass(
                     k,
                     beta,
@@ -155,8 +156,7 @@ class AttentionMatching:
                     dtype=_selection_dtype(self.selection_dtype, k.device),
                     work_bytes=logits,
                 )
-                rows = min(n, max(1, logits // (4 * len(batch) * length)))
-                report.held(stacked + 2 * 4 * len(batch) * length * rows + kept)
+                report.held(held_bytes(len(batch), length, n, d, chunks, logits) + kept)
                 for b, (r, h, _) in enumerate(batch):
                     if entry:
                         requests[r].scores[h] = scores[b]
@@ -192,6 +192,8 @@ class AttentionMatching:
             # than fit_query_cap): for the others its share of attention is small, and so is the
             # effect of its compaction error
             rows = None if ranked.rows is None else ranked.rows[i]
+            if ranked.shares is not None and ranked.shares.shape[1] > self.fit_query_cap:
+                rows = torch.topk(ranked.shares[i], self.fit_query_cap).indices.sort().values
             out.append(Chunk(cs, ce, int(sel.numel()), sel, rows))
         return out
 
@@ -240,7 +242,7 @@ class AttentionMatching:
         report.timed("scores", t1 - t0)
 
         fitted: dict[tuple[int, int, int], Block] = {}
-        ranking = _ranking_bytes(requests)  # held until the fits are done
+        ranking = sum(r.held_bytes for r in requests)  # held until the fits are done
         for (length, _, n_fit, scale), members in jobs.items():
             size = self.work_bytes // (4 * n_fit * length)  # logits of a batch: a speed choice
             if report.work_limit is not None:  # all a batch holds (logits, weights, products): a memory bound
@@ -335,15 +337,6 @@ class AttentionMatching:
                 report.notes.append(f"layer {layer_idx} head {h} slots {cs}+: value fit failed, copied values")
         report.output_errors += res.output_error.tolist()
         report.mass_errors += res.mass_error.tolist()
-
-
-def _ranking_bytes(requests: list[SpanRequest]) -> int:
-    """Bytes of the scores and span rankings the requests hold (kept from the scoring pass to the fits)."""
-    out = 0
-    for r in requests:
-        out += sum(t.numel() * t.element_size() for t in r.scores.values())
-        out += sum(sc.nbytes for sc in r.ranked.values())
-    return out
 
 
 def _selection_dtype(name: str, device: torch.device) -> torch.dtype:

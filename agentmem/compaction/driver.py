@@ -39,16 +39,20 @@ def execute_plan(
     if len(groups) > 1:
         cache.begin()  # a later group's failure takes back the earlier groups' writes
     try:
-        for group in groups:
+        for i, group in enumerate(groups):
             staged_bytes = sum(_replacement_bytes(cache, r) for r in group)
+            later = sum(r.held_bytes for g in groups[i + 1 :] for r in g)  # rankings waiting for their group
             if work_limit is not None:
-                report.work_limit = max(work_limit // 8, work_limit - staged_bytes)
+                report.work_limit = max(work_limit // 8, work_limit - staged_bytes - later)
             held, report.work_bytes = report.work_bytes, 0
             staged = _compute(cache, group, method, queries, report)
             t1 = time.perf_counter()
             # the group's replacements wait beside the cache until written
-            report.work_bytes = max(held, report.work_bytes + staged_bytes)
+            report.work_bytes = max(held, report.work_bytes + staged_bytes + later)
             _write(cache, staged)
+            for r in group:  # its rankings are spent
+                r.scores.clear()
+                r.ranked.clear()
             t_write += time.perf_counter() - t1
     except BaseException:
         if len(groups) > 1:

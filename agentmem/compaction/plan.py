@@ -53,6 +53,12 @@ class SpanRequest:
     ranked: dict[tuple[int, int, int], SpanScores] = field(default_factory=dict)
 
     @property
+    def held_bytes(self) -> int:
+        """Bytes of the scores and span rankings kept on this request until it is compacted."""
+        scores = sum(t.numel() * t.element_size() for t in self.scores.values())
+        return scores + sum(sc.nbytes for sc in self.ranked.values())
+
+    @property
     def span_entries(self) -> int:
         return sum(e - s for spans in self.heads for s, e, _ in spans)
 

@@ -49,8 +49,8 @@ class SpanScores:
 
     def top_queries(self, k: int) -> SpanScores:
         """The same scores keeping, per chunk, only the indices of the k queries with the largest
-        share (ascending) instead of every query's share; itself when there are no more than k."""
-        if self.shares is None or self.shares.shape[1] <= k:
+        share (ascending) instead of every query's share; itself unless that takes less memory."""
+        if self.shares is None or 8 * k >= 4 * self.shares.shape[1]:  # int64 rows vs fp32 shares
             return self
         rows = torch.topk(self.shares, k, dim=1).indices.sort(dim=1).values  # (chunks, k)
         return SpanScores(self.start, self.end, self.keys, None, rows)
@@ -151,6 +151,13 @@ def _reduce_into(acc: torch.Tensor, rel: torch.Tensor, owner: torch.Tensor, redu
     return acc.index_add(0, owner, rel.square() if reduce == "rms" else rel)
 
 
+def held_bytes(heads: int, length: int, n: int, d: int, chunks: int, work_bytes: int) -> int:
+    """What :func:`head_pass` holds for ``heads`` heads of ``length`` entries and ``n`` queries with
+    ``work_bytes``: stacked keys and queries, a block of logits and its weights, per-chunk shares."""
+    rows = min(n, max(1, work_bytes // max(1, 4 * heads * length)))
+    return 4 * heads * (d * (length + n) + 2 * length * rows + chunks * n)
+
+
 def entry_scores(
     cache: CompactedCache,
     layer_idx: int,
@@ -158,16 +165,25 @@ def entry_scores(
     q: torch.Tensor,
     reduce: str = "max",
     q_pos: torch.Tensor | None = None,
+    work_bytes: int = WORK_BYTES,
 ) -> torch.Tensor:
     """Softmax weight each entry of head h gets from queries q (n, d), under the head's full
     softmax (all its entries, beta included): the largest (``reduce="max"``) or the sum over the
-    queries (``"sum"``). With ``q_pos`` (n,), causal (see :func:`head_pass`). Returns (L_h,) fp32."""
+    queries (``"sum"``). With ``q_pos`` (n,), causal (see :func:`head_pass`; blocks of ``work_bytes``
+    of logits). Returns (L_h,) fp32."""
     layer = cache.layers[layer_idx]
     n_entries = layer.lengths[h]
     k = layer.head("k", h)[:n_entries].float()  # (L, d)
     beta = layer.head("beta", h)[:n_entries].float()  # (L,)
     k_pos = layer.head("pos", h)[:n_entries].to(torch.long)[None] if q_pos is not None else None
     out, _ = head_pass(
-        k[None], beta[None], q.float()[None], cache.spec.scaling[layer_idx], reduce, q_pos=q_pos, k_pos=k_pos
+        k[None],
+        beta[None],
+        q.float()[None],
+        cache.spec.scaling[layer_idx],
+        reduce,
+        q_pos=q_pos,
+        k_pos=k_pos,
+        work_bytes=work_bytes,
     )
     return out[0]

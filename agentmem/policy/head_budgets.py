@@ -28,8 +28,8 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from ..compaction.plan import CompactionPlan, SpanRequest, split_target
-from ..compaction.scores import entry_scores
+from ..compaction.plan import CompactionPlan, CompactionReport, SpanRequest, split_target
+from ..compaction.scores import WORK_BYTES, entry_scores, held_bytes
 from ..errors import ProfileError
 from .config import HeadBudgets
 from .profiles import HeadProfile, check_profile, find_profile, load_profile
@@ -141,10 +141,17 @@ def retarget(
 
 
 def global_targets(
-    plan: CompactionPlan, cache: CompactedCache, queries: QuerySet, query_cap: int, floor: float
+    plan: CompactionPlan,
+    cache: CompactedCache,
+    queries: QuerySet,
+    query_cap: int,
+    floor: float,
+    report: CompactionReport | None = None,
 ) -> dict[tuple[int, int], int]:
     """Per (layer, head): how many of its compactable entries are in the global top-k of the plan's
-    total target, by :func:`entry_scores`; at least ``floor`` x the head's uniform target."""
+    total target, by :func:`entry_scores`; at least ``floor`` x the head's uniform target. Scoring
+    passes (where the method did not score already) are sized to ``report``'s work limit."""
+    work = WORK_BYTES if report is None else report.limit(2 * WORK_BYTES) // 2
     pairs = [(r, h) for r, h in _heads(plan, cache) if r.layer in queries.per_layer]
     if not pairs:
         return {}
@@ -157,8 +164,11 @@ def global_targets(
             layer = cache.layers[r.layer]
             if r.layer not in stacked:
                 stacked[r.layer] = queries.for_kv_heads(r.layer, layer.num_heads, query_cap).to(layer.device)
-            s = entry_scores(cache, r.layer, h, stacked[r.layer][h])
+            q = stacked[r.layer][h]
+            s = entry_scores(cache, r.layer, h, q, work_bytes=work)
             r.scores[h] = s
+            if report is not None:
+                report.held(held_bytes(1, layer.lengths[h], q.shape[0], q.shape[1], 0, work))
         idx = torch.cat([torch.arange(a, b, device=s.device) for a, b, _ in r.heads[h]] or [s.new_zeros(0).long()])
         scores.append(s[idx].cpu())
         owner.append(torch.full((idx.numel(),), i, dtype=torch.long))
@@ -188,9 +198,10 @@ def apply_global(
     query_cap: int,
     floor: float,
     profile: HeadProfile | None = None,
+    report: CompactionReport | None = None,
 ) -> None:
     """Retarget the plan per context (global top-k); with a profile, average the two allocations."""
-    counts = global_targets(plan, cache, queries, query_cap, floor)
+    counts = global_targets(plan, cache, queries, query_cap, floor, report)
     if not counts:
         return
     if profile is not None:

@@ -19,7 +19,7 @@ import torch
 from pydantic import BaseModel
 
 from ..compaction.methods import make_method
-from ..compaction.plan import CompactionPlan, Method, SpanRequest, split_target
+from ..compaction.plan import CompactionPlan, CompactionReport, Method, SpanRequest, split_target
 from ..compaction.queries import QuerySet
 from ..errors import BudgetError
 from ..kv.cache import CompactedCache
@@ -98,9 +98,12 @@ class Policy:
         """Share of a tool output's tokens that ``session.tool_result`` keeps by default."""
         return DEFAULT_TOOL_RATIO
 
-    def allocate(self, plan: CompactionPlan, cache: CompactedCache, queries: QuerySet) -> None:
+    def allocate(
+        self, plan: CompactionPlan, cache: CompactedCache, queries: QuerySet, report: CompactionReport | None = None
+    ) -> None:
         """Per-context head budgets for a plan that asks for them (``plan.budgets``), from the
-        reference queries the engine gathered for it. Policies without such budgets do nothing."""
+        reference queries the engine gathered for it (scoring within ``report``'s work limit).
+        Policies without such budgets do nothing."""
 
     def protected(self, pinned: list[TokenRange]) -> list[TokenRange]:
         sinks = self.sinks()
@@ -213,10 +216,12 @@ class SpanPolicy(Policy):
     def on_policy_groups(self) -> int:
         return self.config.on_policy_groups if isinstance(self.config, AMConfig) else 1
 
-    def allocate(self, plan: CompactionPlan, cache: CompactedCache, queries: QuerySet) -> None:
+    def allocate(
+        self, plan: CompactionPlan, cache: CompactedCache, queries: QuerySet, report: CompactionReport | None = None
+    ) -> None:
         if plan.budgets:
             profile = self.profile if plan.budgets == "profile+global" else None
-            apply_global(plan, cache, queries, self.config.query_cap, self.config.head_floor, profile)
+            apply_global(plan, cache, queries, self.config.query_cap, self.config.head_floor, profile, report)
 
     def attach(self, spec: ModelSpec) -> None:
         c = self.config

@@ -16,10 +16,12 @@ import torch
 from ...errors import CompactionError
 from ...kv.cache import CompactedCache
 from ...kv.layer import Block
-from ..plan import Replacement, SpanRequest
+from ..plan import CompactionReport, Replacement, SpanRequest
 from ..queries import QuerySet
+from ..scores import WORK_BYTES, held_bytes
 
-Scorer = Callable[[int, torch.Tensor, torch.Tensor | None], torch.Tensor]  # (h, q (n, d), q_pos) -> (L_h,)
+# (h, q (n, d), q_pos, work_bytes: logits per block) -> (L_h,)
+Scorer = Callable[[int, torch.Tensor, torch.Tensor | None, int], torch.Tensor]
 
 
 def head_queries(
@@ -41,12 +43,18 @@ def evict(
     q_pos: torch.Tensor | None,
     score: Scorer,
     keep_last: Callable[[int, bool], int],
+    report: CompactionReport,
 ) -> list[list[Replacement]]:
-    """Per head of ``request``, one (start, end, kept entries or None) per span."""
+    """Per head of ``request``, one (start, end, kept entries or None) per span; the scoring passes
+    sized to ``report``'s work limit and what they hold recorded there."""
     layer = cache.layers[request.layer]
+    work = report.limit(2 * WORK_BYTES) // 2  # a block of logits and its weights
     out: list[list[Replacement]] = []
     for h, spans in enumerate(request.heads):
-        scores = score(h, q[h], q_pos) if any(0 < t < e - s for s, e, t in spans) else None
+        scores = None
+        if any(0 < t < e - s for s, e, t in spans):
+            scores = score(h, q[h], q_pos, work)
+            report.held(held_bytes(1, layer.lengths[h], q.shape[1], q.shape[2], 0, work))
         head_out: list[Replacement] = []
         for start, end, target in spans:
             if target <= 0:
