@@ -15,7 +15,7 @@ from ..units import MiB
 from .fit import REDUCTIONS, attention_match
 from .plan import QUERY_CAP, CompactionReport, Replacement, SpanRequest, split_target
 from .queries import QuerySet
-from .scores import WORK_BYTES, head_pass, held_bytes
+from .scores import WORK_BYTES, fixed_bytes, head_pass, held_bytes
 
 _T_BUCKET = 64  # chunks whose targets differ by less than this are fitted in one padded batch
 
@@ -140,7 +140,7 @@ class AttentionMatching:
                 beta = torch.stack([layer.head("beta", h)[:length] for layer, (_, h, _) in zip(layers, batch)])
                 q = torch.stack([qs[r][h] for r, h, _ in batch])
                 chunks = sum(len(edges) - 1 for _, _, edges in batch[0][2])
-                fixed = held_bytes(len(batch), length, n, d, chunks, 0) - 8 * len(batch) * length  # all but the block
+                fixed = fixed_bytes(len(batch), length, n, d, chunks)
                 kept = sum(r.held_bytes for r in requests)
                 logits = work  # a block of logits (and as many weights)
                 if report.work_limit is not None:  # what the stacked heads, shares and rankings leave of the bound

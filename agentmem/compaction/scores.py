@@ -17,7 +17,7 @@ The queries are taken a block at a time so the working set is a few MiB whatever
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 import torch
 
@@ -28,6 +28,14 @@ if TYPE_CHECKING:
 
 WORK_BYTES = 16 * MiB  # fp32 scores of one block of queries over the head's entries
 _TINY_MASS = 1e-30  # a query whose weight on a span underflowed: its span softmax is recomputed
+
+
+class WorkReport(Protocol):
+    """What a scoring pass needs of its caller's report (compaction/plan.py ``CompactionReport``)."""
+
+    def limit(self, default: int) -> int: ...
+
+    def held(self, nbytes: int) -> None: ...
 
 
 @dataclass
@@ -88,7 +96,7 @@ def head_pass(
     entry_out = torch.zeros(heads, length, device=dev) if entry else None
     acc = [torch.zeros(heads, e - s, device=dev) for s, e, _ in spans]
     shares = [torch.empty(heads, len(edges) - 1, n, device=dev) for _, _, edges in spans]
-    block = max(1, min(n, work_bytes // max(1, 4 * heads * length)))
+    block = _block_rows(heads, length, n, work_bytes)
     for a in range(0, n, block):
         qb = q[:, a : a + block].to(dtype)
         if dtype == torch.float32:
@@ -151,11 +159,21 @@ def _reduce_into(acc: torch.Tensor, rel: torch.Tensor, owner: torch.Tensor, redu
     return acc.index_add(0, owner, rel.square() if reduce == "rms" else rel)
 
 
+def _block_rows(heads: int, length: int, n: int, work_bytes: int) -> int:
+    """Queries per block of :func:`head_pass`: heads x rows x length fp32 logits fit ``work_bytes``."""
+    return max(1, min(n, work_bytes // max(1, 4 * heads * length)))
+
+
+def fixed_bytes(heads: int, length: int, n: int, d: int, chunks: int) -> int:
+    """What :func:`head_pass` holds besides its block of logits: the heads' keys and queries, fp32,
+    and each query's share per chunk of its spans."""
+    return 4 * heads * (d * (length + n) + chunks * n)
+
+
 def held_bytes(heads: int, length: int, n: int, d: int, chunks: int, work_bytes: int) -> int:
     """What :func:`head_pass` holds for ``heads`` heads of ``length`` entries and ``n`` queries with
-    ``work_bytes``: stacked keys and queries, a block of logits and its weights, per-chunk shares."""
-    rows = min(n, max(1, work_bytes // max(1, 4 * heads * length)))
-    return 4 * heads * (d * (length + n) + 2 * length * rows + chunks * n)
+    ``work_bytes``: :func:`fixed_bytes` and a block of logits with its weights."""
+    return fixed_bytes(heads, length, n, d, chunks) + 2 * 4 * heads * length * _block_rows(heads, length, n, work_bytes)
 
 
 def entry_scores(
@@ -165,14 +183,17 @@ def entry_scores(
     q: torch.Tensor,
     reduce: str = "max",
     q_pos: torch.Tensor | None = None,
-    work_bytes: int = WORK_BYTES,
+    report: WorkReport | None = None,
 ) -> torch.Tensor:
     """Softmax weight each entry of head h gets from queries q (n, d), under the head's full
     softmax (all its entries, beta included): the largest (``reduce="max"``) or the sum over the
-    queries (``"sum"``). With ``q_pos`` (n,), causal (see :func:`head_pass`; blocks of ``work_bytes``
-    of logits). Returns (L_h,) fp32."""
+    queries (``"sum"``). With ``q_pos`` (n,), causal (see :func:`head_pass`). Returns (L_h,) fp32.
+    ``report``: its work limit sizes the blocks of queries, and what the pass holds is recorded."""
     layer = cache.layers[layer_idx]
     n_entries = layer.lengths[h]
+    work = WORK_BYTES if report is None else report.limit(2 * WORK_BYTES) // 2  # a block and its weights
+    if report is not None:
+        report.held(held_bytes(1, n_entries, q.shape[0], q.shape[1], 0, work))
     k = layer.head("k", h)[:n_entries].float()  # (L, d)
     beta = layer.head("beta", h)[:n_entries].float()  # (L,)
     k_pos = layer.head("pos", h)[:n_entries].to(torch.long)[None] if q_pos is not None else None
@@ -184,6 +205,6 @@ def entry_scores(
         reduce,
         q_pos=q_pos,
         k_pos=k_pos,
-        work_bytes=work_bytes,
+        work_bytes=work,
     )
     return out[0]

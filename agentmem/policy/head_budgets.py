@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from ..compaction.plan import CompactionPlan, CompactionReport, SpanRequest, split_target
-from ..compaction.scores import WORK_BYTES, entry_scores, held_bytes
+from ..compaction.scores import entry_scores
 from ..errors import ProfileError
 from .config import HeadBudgets
 from .profiles import HeadProfile, check_profile, find_profile, load_profile
@@ -151,7 +151,6 @@ def global_targets(
     """Per (layer, head): how many of its compactable entries are in the global top-k of the plan's
     total target, by :func:`entry_scores`; at least ``floor`` x the head's uniform target. Scoring
     passes (where the method did not score already) are sized to ``report``'s work limit."""
-    work = WORK_BYTES if report is None else report.limit(2 * WORK_BYTES) // 2
     pairs = [(r, h) for r, h in _heads(plan, cache) if r.layer in queries.per_layer]
     if not pairs:
         return {}
@@ -164,11 +163,8 @@ def global_targets(
             layer = cache.layers[r.layer]
             if r.layer not in stacked:
                 stacked[r.layer] = queries.for_kv_heads(r.layer, layer.num_heads, query_cap).to(layer.device)
-            q = stacked[r.layer][h]
-            s = entry_scores(cache, r.layer, h, q, work_bytes=work)
+            s = entry_scores(cache, r.layer, h, stacked[r.layer][h], report=report)
             r.scores[h] = s
-            if report is not None:
-                report.held(held_bytes(1, layer.lengths[h], q.shape[0], q.shape[1], 0, work))
         idx = torch.cat([torch.arange(a, b, device=s.device) for a, b, _ in r.heads[h]] or [s.new_zeros(0).long()])
         scores.append(s[idx].cpu())
         owner.append(torch.full((idx.numel(),), i, dtype=torch.long))

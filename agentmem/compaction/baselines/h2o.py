@@ -36,7 +36,7 @@ class H2O(LayerByLayer):
         if q_pos is None:
             report.notes.append(f"layer {request.layer}: query positions unknown, H2O scores without causal mask")
 
-        def score(h, q_h, pos, work):
-            return entry_scores(cache, request.layer, h, q_h, reduce="sum", q_pos=pos, work_bytes=work)  # (L_h,)
+        def score(h, q_h, pos):
+            return entry_scores(cache, request.layer, h, q_h, reduce="sum", q_pos=pos, report=report)  # (L_h,)
 
-        return evict(cache, request, q, q_pos, score, lambda t, at_end: round(self.recent_share * t), report)
+        return evict(cache, request, q, q_pos, score, lambda t, at_end: round(self.recent_share * t))

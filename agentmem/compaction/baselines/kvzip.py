@@ -31,10 +31,8 @@ class KVzip(LayerByLayer):
     ) -> list[list[Replacement]]:
         q, _ = head_queries(cache, request.layer, queries, self.query_cap)  # (H_kv, n, d)
 
-        def score(h, q_h, pos, work):  # (L_h,); the global allocation already scored them with the same queries
+        def score(h, q_h, pos):  # (L_h,); the global allocation already scored them with the same queries
             cached = request.scores.get(h)
-            if cached is not None:
-                return cached
-            return entry_scores(cache, request.layer, h, q_h, reduce="max", work_bytes=work)
+            return cached if cached is not None else entry_scores(cache, request.layer, h, q_h, report=report)
 
-        return evict(cache, request, q, None, score, lambda t, at_end: 0, report)
+        return evict(cache, request, q, None, score, lambda t, at_end: 0)

@@ -16,12 +16,10 @@ import torch
 from ...errors import CompactionError
 from ...kv.cache import CompactedCache
 from ...kv.layer import Block
-from ..plan import CompactionReport, Replacement, SpanRequest
+from ..plan import Replacement, SpanRequest
 from ..queries import QuerySet
-from ..scores import WORK_BYTES, held_bytes
 
-# (h, q (n, d), q_pos, work_bytes: logits per block) -> (L_h,)
-Scorer = Callable[[int, torch.Tensor, torch.Tensor | None, int], torch.Tensor]
+Scorer = Callable[[int, torch.Tensor, torch.Tensor | None], torch.Tensor]  # (h, q (n, d), q_pos) -> (L_h,)
 
 
 def head_queries(
@@ -43,18 +41,12 @@ def evict(
     q_pos: torch.Tensor | None,
     score: Scorer,
     keep_last: Callable[[int, bool], int],
-    report: CompactionReport,
 ) -> list[list[Replacement]]:
-    """Per head of ``request``, one (start, end, kept entries or None) per span; the scoring passes
-    sized to ``report``'s work limit and what they hold recorded there."""
+    """Per head of ``request``, one (start, end, kept entries or None) per span."""
     layer = cache.layers[request.layer]
-    work = report.limit(2 * WORK_BYTES) // 2  # a block of logits and its weights
     out: list[list[Replacement]] = []
     for h, spans in enumerate(request.heads):
-        scores = None
-        if any(0 < t < e - s for s, e, t in spans):
-            scores = score(h, q[h], q_pos, work)
-            report.held(held_bytes(1, layer.lengths[h], q.shape[1], q.shape[2], 0, work))
+        scores = score(h, q[h], q_pos) if any(0 < t < e - s for s, e, t in spans) else None
         head_out: list[Replacement] = []
         for start, end, target in spans:
             if target <= 0:

@@ -36,10 +36,10 @@ class SnapKV(LayerByLayer):
     ) -> list[list[Replacement]]:
         q, q_pos = head_queries(cache, request.layer, queries, self.query_cap)  # (H_kv, rep * window, d)
 
-        def score(h, q_h, pos, work):
-            s = entry_scores(cache, request.layer, h, q_h, reduce="sum", q_pos=pos, work_bytes=work)  # (L_h,)
+        def score(h, q_h, pos):
+            s = entry_scores(cache, request.layer, h, q_h, reduce="sum", q_pos=pos, report=report)  # (L_h,)
             if self.pool > 1:
                 s = F.max_pool1d(s[None, None], self.pool, stride=1, padding=self.pool // 2)[0, 0, : s.numel()]
             return s
 
-        return evict(cache, request, q, q_pos, score, lambda t, at_end: self.window if at_end else 0, report)
+        return evict(cache, request, q, q_pos, score, lambda t, at_end: self.window if at_end else 0)
