@@ -160,8 +160,7 @@ class Cartridge:
             check_model(self.meta["model"], session.loaded, f"cartridge {self.model_name!r}")
             need = self.bytes_needed(session)
             if session.cache.max_bytes is not None and need > session.cache.max_bytes:
-                buffer = session.cache.query_buffer
-                least = session.engine.budget.total_for(need, buffer.nbytes if buffer is not None else 0)
+                least = session.engine.budget_for(need)
                 raise BudgetError(
                     f"the cartridge holds {self.tokens} tokens as {self.entries()} KV entries; with room for "
                     f"policy {session.policy.name!r} to work beside it, it needs {need / MiB:.2f} MiB of KV: use "

@@ -146,6 +146,11 @@ class Engine:
         dtype = torch.bfloat16 if cfg.query_buffer_dtype == "bfloat16" else self.loaded.dtype
         return QueryBuffer(*args, self.loaded.device, dtype, seed=self.seed)
 
+    def budget_for(self, cache_bytes: int) -> int:
+        """The smallest ``max_kv_mb`` (in bytes) that gives the cache ``cache_bytes`` beside this
+        session's query buffer."""
+        return self.budget.total_for(cache_bytes, _nbytes(self.cache.query_buffer))
+
     def set_policy(self, policy: Policy) -> None:
         """Switch policies mid-session. The query buffer becomes the one the new policy reads (keeping
         the rows it can); a buffer that starts empty under a non-empty cache is filled by a scratch pass
