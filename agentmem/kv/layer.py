@@ -147,6 +147,7 @@ class CacheLayer:
             self._offs[h] = self._offs[h - 1] + self._caps[h - 1]
         self._uniform = min(self._caps) == max(self._caps)
         self._offs_t: torch.Tensor | None = None  # device copy of offs, built on demand (gather)
+        self._next_slots: tuple[tuple[int, ...], torch.Tensor] | None = None  # (lengths, offs + lengths) for append
 
     def _alloc(self, caps: Sequence[int]) -> None:
         self._set_layout(caps)
@@ -159,12 +160,16 @@ class CacheLayer:
         self._bind_views()
 
     def _bind_views(self) -> None:
-        """Cache the (H, cap, ...) grid views of a uniform layer (the per-step hot path uses them)."""
+        """Cache the views the per-step hot path reads: the (H, cap, ...) grids of a uniform layer, or
+        each head's (k, v, beta) run of a non-uniform one."""
         self._grids = None
+        self._runs: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
         if self._uniform:
             h, cap = self.num_heads, self._caps[0]
             self._grids = {name: getattr(self, name).view(h, cap, *getattr(self, name).shape[1:]) for name in FIELDS}
             self._k4, self._v4 = self._grids["k"][None], self._grids["v"][None]  # (1, H, cap, d)
+        else:
+            self._runs = [tuple(self.head(name, h) for name in ("k", "v", "beta")) for h in range(self.num_heads)]
 
     def _grid_view(self, name: str) -> torch.Tensor:
         """(H, cap, ...) view of a flat buffer; only for a uniform layer."""
@@ -197,6 +202,10 @@ class CacheLayer:
         """Head h's slots of buffer ``name`` ("k", "v", "beta", "pos", "tok"): a view (caps[h], ...)."""
         a = self._offs[h]
         return getattr(self, name)[a : a + self._caps[h]]
+
+    def run(self, h: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Head h's keys (cap, d), values (cap, d_v) and beta (cap,): views; non-uniform layers only."""
+        return self._runs[h]
 
     def kv4d(self, length: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(1, H, length, d) and (1, H, length, d_v) views of keys and values; uniform layers only."""
@@ -262,14 +271,18 @@ class CacheLayer:
             g["pos"][:, a : a + n] = pos
             g["tok"][:, a : a + n] = tok
         else:  # one indexed write per buffer: slots offs[h] + lengths[h] + i, head-major
-            h = self.num_heads
-            first = torch.tensor([o + a for o, a in zip(self._offs, self.lengths)], device=self.device)
-            idx = (first[:, None] + torch.arange(n, device=self.device)[None, :]).reshape(-1)  # (H * n,)
-            self.k.index_copy_(0, idx, k[0].reshape(h * n, -1).to(self.dtype))
+            h, lengths = self.num_heads, tuple(self.lengths)
+            if self._next_slots is not None and self._next_slots[0] == lengths:  # the step after an append
+                first = self._next_slots[1]
+            else:
+                first = torch.tensor([o + a for o, a in zip(self._offs, lengths)], device=self.device)
+            idx = first if n == 1 else (first[:, None] + torch.arange(n, device=self.device)[None, :]).reshape(-1)
+            self.k.index_copy_(0, idx, k[0].reshape(h * n, -1).to(self.dtype))  # (H * n,) slots, head-major
             self.v.index_copy_(0, idx, v[0].reshape(h * n, -1).to(self.dtype))
-            self.beta[idx] = 0.0
-            self.pos.index_copy_(0, idx, pos.to(torch.int32).repeat(h))
-            self.tok.index_copy_(0, idx, tok.to(torch.int32).repeat(h))
+            self.beta.index_fill_(0, idx, 0.0)
+            self.pos.index_copy_(0, idx, pos.to(torch.int32).expand(h, n).reshape(-1))
+            self.tok.index_copy_(0, idx, tok.to(torch.int32).expand(h, n).reshape(-1))
+            self._next_slots = (tuple(a + n for a in lengths), first + n)
         self.lengths = [a + n for a in self.lengths]
         if self.min_pos is None:
             self.min_pos = int(pos[0].item()) if pos.device.type == "cpu" else None

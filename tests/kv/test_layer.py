@@ -148,8 +148,11 @@ def test_nonuniform_attention_equals_masked_recompute(tiny, tokenizer, monkeypat
     torch.testing.assert_close(got, expected, atol=2e-4, rtol=1e-4)
 
 
-def test_nonuniform_attention_equals_padded_layout(tiny, tokenizer, monkeypatch):
-    """Different entries and beta per head: per-head attention == the padded (uniform) layout."""
+@pytest.mark.parametrize("products", [True, False])
+def test_nonuniform_attention_equals_padded_layout(tiny, tokenizer, monkeypatch, products):
+    """Different entries and beta per head: per-head attention == the padded (uniform) layout, with
+    decode steps as per-head matrix products (the fp32 CPU path) or through SDPA."""
+    monkeypatch.setattr(attention, "PRODUCTS_DECODE", products)
     _, loaded = tiny
     ids = tokenizer(TEXT * 2)["input_ids"]
     prefix, new = ids[:30], ids[30:37]
@@ -201,10 +204,21 @@ def _dense(layer, query, scale, first_pos, softcap=None) -> torch.Tensor:
     return torch.stack(out)[None].transpose(1, 2)
 
 
+@pytest.mark.parametrize("products", [True, False])
 @pytest.mark.parametrize("softcap", [None, 20.0])
 @pytest.mark.parametrize("n", [1, 5])
-def test_per_head_attention_sliding_window_and_softcap(tokenizer, n, softcap):
-    """Synthetic Gemma 3 layers (GQA, beta, sliding windows), both layouts, against a dense reference."""
+def test_per_head_attention_sliding_window_and_softcap(tokenizer, monkeypatch, n, softcap, products):
+    """Synthetic Gemma 3 layers (GQA, beta, sliding windows), both layouts, both decode paths, against
+    a dense reference."""
+    monkeypatch.setattr(attention, "PRODUCTS_DECODE", products)
+    decodes = [0]
+    original = attention._per_head_decode
+
+    def spy(*args):
+        decodes[0] += 1
+        return original(*args)
+
+    monkeypatch.setattr(attention, "_per_head_decode", spy)
     loaded = wrap_model(twin(build_tiny("gemma3", len(tokenizer))), tokenizer, name="tiny-gemma3")
     spec = loaded.spec
     assert any(w is not None for w in spec.sliding_window) and spec.num_q_heads > spec.num_kv_heads
@@ -245,6 +259,51 @@ def test_per_head_attention_sliding_window_and_softcap(tokenizer, n, softcap):
         cache.commit_forward(n)
     assert not caches[0].layers[0].uniform and caches[1].layers[0].uniform
     torch.testing.assert_close(outs[0], outs[1], atol=1e-5, rtol=1e-5)
+    # the products path takes decode steps without softcap on layers no window hides anything of
+    assert (decodes[0] > 0) == (products and n == 1 and softcap is None)
+    assert decodes[0] < spec.num_layers  # the sliding layers, whose window hides slots here, keep SDPA
+
+
+def test_nonuniform_appends_land_in_each_heads_run(tiny_llama):
+    """Appends one token at a time (the cached slot index), a rollback, then a block of two: every
+    head's run holds exactly what a uniform layer given the same appends holds."""
+    _, loaded = tiny_llama
+    spec = loaded.spec
+    caches = []
+    for shrink in (True, False):
+        cache = synthetic_cache(spec, 40, seed=2)
+        for idx in range(spec.num_layers):
+            keep_per_head(cache, idx, [spread(40, 30), spread(40, 7)])
+        if shrink:
+            cache.shrink_to_fit(spare=2)  # room for two appends, then per-head growth
+        caches.append(cache)
+    g = torch.Generator().manual_seed(4)
+    steps = [torch.randn(2, 1, spec.num_kv_heads, n, spec.head_dim, generator=g) for n in (1, 1, 1, 1, 2)]
+
+    def append(cache, kv):
+        n = kv.shape[-2]
+        cache.reserve(n)
+        cache.begin_forward(n)
+        for idx in range(spec.num_layers):
+            cache.update(kv[0], kv[1], idx)
+        cache.commit_forward(n)
+
+    for cache in caches:
+        for kv in steps[:3]:
+            append(cache, kv)
+        lengths = cache.snapshot_lengths()
+        append(cache, steps[3])
+        cache.rollback(lengths)
+        cache.logical_length -= 1
+        append(cache, steps[4])
+    a, b = caches[0].layers[0], caches[1].layers[0]
+    assert not a.uniform and b.uniform and a.lengths == b.lengths == [35, 12]
+    for h, n in enumerate(a.lengths):
+        for name in ("k", "v", "beta", "pos", "tok"):
+            assert torch.equal(a.head(name, h)[:n], b.head(name, h)[:n]), (h, name)
+        appended = torch.cat([steps[i][0][0, h] for i in (0, 1, 2, 4)])  # (5, d): the rolled-back step is gone
+        assert torch.equal(a.head("k", h)[n - 5 : n], appended) and not a.head("beta", h)[n - 5 : n].any()
+        assert a.head("pos", h)[n - 5 : n].tolist() == list(range(40, 45))
 
 
 # ---------------------------------------------------------------------- growth and budget
