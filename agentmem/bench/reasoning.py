@@ -42,8 +42,7 @@ import torch
 from tqdm import tqdm
 
 from ..agent import AgentSession
-from ..batch import generate_batch
-from ..engine import forward_batch
+from ..batch import forward_batch, generate_batch
 from ..models import load_model
 from ..units import MiB
 from .common import environment, policy_of, run_and_publish
