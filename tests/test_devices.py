@@ -47,7 +47,8 @@ def test_greedy_matches_hf_generate_on_device(tokenizer, device, arch):
 )
 def test_budgeted_generation_compacts_within_budget_on_device(tokenizer, device, dtype):
     """am-halve under a budget of ~40 tokens: it compacts while decoding, stays in budget, keeps
-    its cache on the device and its undo copies in host memory, and its logits stay finite."""
+    its cache on the device and its undo copies in host memory, and its logits stay finite. (bf16 is
+    a smoke test: nothing here compares its tokens with a reference.)"""
     _, loaded = _models("llama", tokenizer, device, dtype)
     probe = AgentSession(model=loaded, max_kv_mb=None)
     budget_mb = probe.cache.bytes_for_tokens(40) / 2**20
@@ -56,7 +57,7 @@ def test_budgeted_generation_compacts_within_budget_on_device(tokenizer, device,
     stats = session.stats
     assert len(result.token_ids) == 80 and len(session.compactions) >= 1
     assert stats.peak_kv_bytes <= stats.max_kv_bytes
-    assert stats.undo_device == "cpu"
+    assert stats.undo_device == "cpu" and stats.peak_undo_bytes > 0  # copies were made, in host memory
     assert {layer.k.device.type for layer in session.cache.layers} == {device}
     assert {layer.k.dtype for layer in session.cache.layers} == {dtype}
     assert torch.isfinite(session.next_logits()).all()

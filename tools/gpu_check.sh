@@ -10,6 +10,7 @@
 #   downloads into .whl/ (git-ignored) the wheels the device image lacks or has in other versions,
 #   pinned to this machine's .venv (its transformers is 5.17; agentmem needs 5.23-5.24).
 # There:      run(command="bash tools/gpu_check.sh", carry=[".whl"], timeout_s=540)
+#   (each part has its own limit, ~8 minutes in all with the install; a machine's start is extra)
 #   everything it prints is also in $OUT/gpu_check.log (comes back even when the run is cut off).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -41,15 +42,17 @@ else
     export PYTHONPATH=$PWD
 fi
 export AGENTMEM_TEST_TOKENIZER=builtin PYTHONUNBUFFERED=1
-python3 -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__, 'cuda', torch.cuda.is_available() and torch.cuda.get_device_name())"
+# the carried wheels go in with --no-deps: an import of everything the tests use shows a missing or
+# too-old dependency of theirs (click, hf-xet, regex, typing-extensions, anyio, ...) before anything runs
+python3 -c "import torch, transformers, pydantic, agentmem, tests.helpers; print('torch', torch.__version__, 'transformers', transformers.__version__, 'cuda', torch.cuda.is_available() and torch.cuda.get_device_name())" || exit 1
 
 echo "== device tests (CUDA cases must pass, not skip)"
-python3 -m pytest -q -rs -p no:cacheprovider tests/test_devices.py
+timeout 150 python3 -m pytest -q -rs -p no:cacheprovider tests/test_devices.py
 echo "== fast suites of the cache, attention and compaction"
-timeout 240 python3 -m pytest -q -x -p no:cacheprovider -m "not slow" tests/kv tests/compaction tests/test_equivalence.py tests/test_memory.py
+timeout 150 python3 -m pytest -q -x -p no:cacheprovider -m "not slow" tests/kv tests/compaction tests/test_equivalence.py tests/test_memory.py
 
 echo "== timings: a random model with SmolLM2-135M's shapes"
-LENGTHS=${LENGTHS:-"1024 4096"} timeout 200 python3 - <<'EOF'
+LENGTHS=${LENGTHS:-"1024 4096"} timeout 150 python3 - <<'EOF'
 import os
 import time
 import torch
@@ -88,3 +91,4 @@ for dtype in (torch.bfloat16, torch.float32):
                   f"decode {dec:.1f} tok/s, peak work {e.work_bytes / 2**20:.0f} MiB")
 EOF
 echo "== done"
+sleep 1  # let tee write the last lines to the log

@@ -190,7 +190,7 @@ def _per_head_attention(layer, cache, query: torch.Tensor, scale: float, softcap
     _, hq, n, d = query.shape
     hkv = layer.num_heads
     rep = hq // hkv
-    if n == 1 and softcap is None and _products_decode(query) and not _out_of_window(layer, cache, n):
+    if n == 1 and softcap is None and _products_decode(layer, query) and not _out_of_window(layer, cache, n):
         return _per_head_decode(layer, query, scale)
     out = query.new_empty(1, hq, n, layer.v_head_dim)
     for h in range(hkv):
@@ -217,10 +217,16 @@ def _per_head_attention(layer, cache, query: torch.Tensor, scale: float, softcap
 PRODUCTS_DECODE = True  # False: every per-head step through SDPA (tests compare the two paths)
 
 
-def _products_decode(query: torch.Tensor) -> bool:
+def _products_decode(layer, query: torch.Tensor) -> bool:
     """Whether a decode step over a non-uniform layer goes through :func:`_per_head_decode`: fp32 on a
-    CPU, where it measured faster than one SDPA call per KV head (bf16/fp16 and CUDA keep SDPA's kernels)."""
-    return PRODUCTS_DECODE and query.device.type == "cpu" and query.dtype == torch.float32
+    CPU, where it measured faster than one SDPA call per KV head (bf16/fp16 and CUDA keep SDPA's kernels).
+    Not under a CPU autocast (a bf16 scratch pass): its products would come out in bf16."""
+    return (
+        PRODUCTS_DECODE
+        and query.device.type == "cpu"
+        and query.dtype == layer.dtype == torch.float32
+        and not torch.is_autocast_enabled("cpu")
+    )
 
 
 def _per_head_decode(layer, query: torch.Tensor, scale: float) -> torch.Tensor:

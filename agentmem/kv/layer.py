@@ -162,7 +162,7 @@ class CacheLayer:
     def _bind_views(self) -> None:
         """Cache the views the per-step hot path reads: the (H, cap, ...) grids of a uniform layer, or
         each head's (k, v, beta) run of a non-uniform one."""
-        self._grids = None
+        self._grids = self._k4 = self._v4 = None  # views hold their buffer: none may outlive a re-allocation
         self._runs: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
         if self._uniform:
             h, cap = self.num_heads, self._caps[0]

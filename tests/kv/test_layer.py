@@ -442,3 +442,36 @@ def test_snapshot_clone_rollback_rotate_nonuniform(tiny_llama):
     layer.rotate(-delta, loaded.spec.inv_freq[1])
     for h, n in enumerate(layer.lengths):
         torch.testing.assert_close(layer.head("k", h)[:n], start[2 + 5 * h][:n], atol=1e-5, rtol=1e-5)
+
+
+def test_decode_over_nonuniform_layer_under_cpu_autocast(tiny_llama, tokenizer):
+    """A bf16 scratch pass (CPU autocast) decoding over non-uniform fp32 layers runs (SDPA's path,
+    not the fp32 products) and stays close to the fp32 step."""
+    _, loaded = tiny_llama
+    ids = tokenizer(TEXT * 2)["input_ids"]
+    s = AgentSession(model=loaded, max_kv_mb=None)
+    read_all(s, ids[:30])
+    for idx in range(len(s.cache.layers)):
+        keep_per_head(s.cache, idx, [spread(30, 28), spread(30, 6)])
+    s.cache.shrink_to_fit()
+    assert not any(layer.uniform for layer in s.cache.layers)
+    exact = s.engine.run(s.cache.clone(), ids[30:31], "all", None)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = s.engine.run(s.cache, ids[30:31], "all", None)
+    torch.testing.assert_close(got, exact, atol=0.1, rtol=0.05)
+
+
+def test_nonuniform_layout_releases_the_uniform_buffers(tiny_llama):
+    """Once a layer's heads get their own capacities, nothing keeps the old (H, cap) buffers alive."""
+    import gc
+    import weakref
+
+    _, loaded = tiny_llama
+    cache = synthetic_cache(loaded.spec, 64)
+    layer = cache.layers[0]
+    old_k, old_v = weakref.ref(layer.k), weakref.ref(layer.v)
+    keep_per_head(cache, 0, [spread(64, 60), spread(64, 8)])
+    cache.shrink_to_fit()
+    assert not layer.uniform
+    gc.collect()
+    assert old_k() is None and old_v() is None
