@@ -166,12 +166,12 @@ class Engine:
             )
         if bounds[0] is not None and self.cache.kv_bytes > bounds[0]:
             self.cache.shrink_to_fit()  # spare capacity first (an abort puts it back)
-        if bounds[0] is not None and self.cache.kv_bytes > bounds[0]:
-            raise BudgetError(
-                f"with policy {policy.name!r} (query buffer {new.nbytes / MiB if new else 0:.2f} MiB) the cache gets "
-                f"{bounds[0] / MiB:.2f} MiB of the budget and holds {self.cache.kv_bytes / MiB:.2f}: compact first "
-                "or raise max_kv_mb"
-            )
+            if self.cache.kv_bytes > bounds[0]:
+                raise BudgetError(
+                    f"with policy {policy.name!r} (query buffer {new.nbytes / MiB if new else 0:.2f} MiB) the cache "
+                    f"gets {bounds[0] / MiB:.2f} MiB of the budget and holds {self.cache.kv_bytes / MiB:.2f}: compact "
+                    "first or raise max_kv_mb"
+                )
         # the new share holds from here on: the scratch pass below must fit it (an abort restores the old)
         self.cache.max_bytes, self.work_limit = bounds
         self.chunk_tokens = max(1, min(self.chunk_tokens, cap // 4))

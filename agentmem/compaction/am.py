@@ -191,10 +191,7 @@ class AttentionMatching:
             # fit on the queries that attend to this chunk the most (all of them when there are no more
             # than fit_query_cap): for the others its share of attention is small, and so is the
             # effect of its compaction error
-            rows = None if ranked.rows is None else ranked.rows[i]
-            if ranked.shares is not None and ranked.shares.shape[1] > self.fit_query_cap:
-                rows = torch.topk(ranked.shares[i], self.fit_query_cap).indices.sort().values
-            out.append(Chunk(cs, ce, int(sel.numel()), sel, rows))
+            out.append(Chunk(cs, ce, int(sel.numel()), sel, ranked.fit_rows(i, self.fit_query_cap)))
         return out
 
     def compact(

@@ -60,8 +60,21 @@ class SpanScores:
         share (ascending) instead of every query's share; itself unless that takes less memory."""
         if self.shares is None or 8 * k >= 4 * self.shares.shape[1]:  # int64 rows vs fp32 shares
             return self
-        rows = torch.topk(self.shares, k, dim=1).indices.sort(dim=1).values  # (chunks, k)
-        return SpanScores(self.start, self.end, self.keys, None, rows)
+        return SpanScores(self.start, self.end, self.keys, None, _top_rows(self.shares, k))  # rows (chunks, k)
+
+    def fit_rows(self, chunk: int, k: int) -> torch.Tensor | None:
+        """Indices (ascending) of the at most k queries with the largest share on one chunk of the
+        span; None when every query is among them."""
+        if self.rows is not None:
+            return self.rows[chunk]
+        if self.shares is None or self.shares.shape[1] <= k:
+            return None
+        return _top_rows(self.shares[chunk], k)
+
+
+def _top_rows(shares: torch.Tensor, k: int) -> torch.Tensor:
+    """(..., n) shares -> (..., k) indices of the k largest along the last axis, ascending."""
+    return torch.topk(shares, k, dim=-1).indices.sort(dim=-1).values
 
 
 def head_pass(
