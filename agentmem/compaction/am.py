@@ -15,7 +15,7 @@ from ..units import MiB
 from .fit import REDUCTIONS, attention_match
 from .plan import QUERY_CAP, CompactionReport, Replacement, SpanRequest, split_target
 from .queries import QuerySet
-from .scores import WORK_BYTES, fixed_bytes, head_pass, held_bytes
+from .scores import WORK_BYTES, block_bytes, fixed_bytes, head_pass, held_bytes
 
 _T_BUCKET = 64  # chunks whose targets differ by less than this are fitted in one padded batch
 
@@ -145,6 +145,7 @@ class AttentionMatching:
                 logits = work  # a block of logits (and as many weights)
                 if report.work_limit is not None:  # what the stacked heads, shares and rankings leave of the bound
                     logits = min(work, max(4 * len(batch) * length, (report.work_limit - fixed - kept) // 2))
+                logits = block_bytes(k.device, logits)
                 scores, ranked = head_pass(
                     k,
                     beta,

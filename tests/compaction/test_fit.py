@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from agentmem.compaction.fit import attention_match, block_scores, key_scores
-from agentmem.compaction.scores import head_pass
+from agentmem.compaction.scores import CPU_BLOCK_BYTES, block_bytes, head_pass
 
 SCALE = 1 / math.sqrt(16)
 
@@ -140,6 +140,24 @@ def test_one_pass_scores_match_softmaxes_over_the_head_and_over_each_span():
                 torch.testing.assert_close(got.shares, shares, atol=1e-6, rtol=1e-5)
     total, _ = head_pass(k, beta, q, SCALE, "sum", work_bytes=2 * 5 * 4 * 40)
     torch.testing.assert_close(total, torch.softmax(s, -1).sum(1))
+
+
+def test_one_pass_scores_without_masked_entries_and_a_head_with_none_visible():
+    """With every beta finite (no row can be empty) the pass skips its NaN clean-up and still gives
+    the full softmax; a head whose entries are all masked gives zero weight, never NaN. On a CPU
+    the blocks are capped at the L2-sized CPU_BLOCK_BYTES whatever memory the caller allows."""
+    q, k, _ = synthetic(b=2, n=16, T=40)
+    beta = torch.randn(2, 40)
+    s = block_scores(q, k, SCALE, beta)
+    entry, _ = head_pass(k, beta, q, SCALE, "sum", work_bytes=2 * 5 * 4 * 40)
+    torch.testing.assert_close(entry, torch.softmax(s, -1).sum(1))
+    beta[1] = float("-inf")
+    entry, ranked = head_pass(k, beta, q, SCALE, "max", [(0, 40, [0, 20, 40])], work_bytes=2 * 5 * 4 * 40)
+    torch.testing.assert_close(entry[0], torch.softmax(s[0], -1).amax(0))
+    assert torch.equal(entry[1], torch.zeros(40)) and torch.isfinite(ranked[1][0].shares).all()
+    assert block_bytes(torch.device("cpu"), 64 * CPU_BLOCK_BYTES) == CPU_BLOCK_BYTES
+    assert block_bytes(torch.device("cpu"), 1000) == 1000
+    assert block_bytes(torch.device("cuda"), 64 * CPU_BLOCK_BYTES) == 64 * CPU_BLOCK_BYTES
 
 
 def test_a_padded_selection_fits_as_it_would_alone():
