@@ -15,7 +15,8 @@ class MemoryBudget:
     ``covers="kv"``: ``total`` bounds the cache; ``work`` (bytes, None: no bound) bounds one
     compaction's working memory beside it. ``covers="all"``: ``total`` bounds cache + query buffer +
     work together; ``work`` defaults to a third of what the query buffer leaves (half the cache's
-    share). Undo copies of a running operation live in host memory and are covered by neither.
+    share). The undo state of a running operation (the layers as they were: on a CPU the old buffers,
+    on CUDA copies in host memory) is covered by neither.
     """
 
     total: int | None

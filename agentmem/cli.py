@@ -55,7 +55,7 @@ def _print_stats(session) -> None:
     )
     print(
         f"[agentmem] beside the cache: query buffer {st.query_buffer_bytes / MiB:.2f} MiB, compaction work peak "
-        f"{st.peak_work_bytes / MiB:.2f} MiB, undo copies peak {st.peak_undo_bytes / MiB:.2f} MiB ({st.undo_device})"
+        f"{st.peak_work_bytes / MiB:.2f} MiB, undo state peak {st.peak_undo_bytes / MiB:.2f} MiB ({st.undo_device})"
         + (f"; max_kv_mb covers all: {st.budget_bytes / MiB:.2f} MiB" if st.budget_covers == "all" else ""),
         file=sys.stderr,
     )

@@ -241,7 +241,8 @@ class Engine:
     ) -> CompactionEvent:
         """Apply a plan (:meth:`execute`), give back the capacity it freed (keeping ``spare`` slots
         per head; ``uneven_only``: only in layers whose heads differ) and log the event in ``record``."""
-        event = self.execute(cache, plan, method, source, groups, planner)
+        with cache.releasing(spare, uneven_only):  # layers rebuilt by the writes: already at that size
+            event = self.execute(cache, plan, method, source, groups, planner)
         cache.shrink_to_fit(spare=spare, uneven_only=uneven_only)
         event.kv_bytes_after = cache.kv_bytes
         if record is not None:

@@ -70,8 +70,8 @@ class SessionStats:
     max_work_bytes: int | None = None  # the bound on work_bytes of one compaction (None: unbounded)
     budget_bytes: int | None = None  # the session's max_kv_mb in bytes
     budget_covers: str = "kv"  # "kv": budget_bytes bounds the cache; "all": cache + query buffer + work
-    peak_undo_bytes: int = 0  # most held to undo an operation (copies of layers it compacted), beside the cache
-    undo_device: str = "cpu"  # where those copies live (host memory for a CUDA cache)
+    peak_undo_bytes: int = 0  # most held to undo an operation (layers as they were before it), beside the cache
+    undo_device: str = "cpu"  # where that lives (host memory for a CUDA cache: copies)
 
     def as_dict(self) -> dict:
         return asdict(self)

@@ -71,7 +71,7 @@ class Session:
         budget_covers: ``"kv"`` (default): ``max_kv_mb`` bounds the cache; the query buffer and the
             compaction work are extra, reported in :attr:`stats`. ``"all"``: ``max_kv_mb`` bounds the
             cache + query buffer + compaction work together (the cache gets what the other two leave).
-            Copies a running operation keeps to undo itself live in host memory, outside either.
+            What a running operation keeps to undo itself (layers as they were) is outside either.
     """
 
     def __init__(

@@ -24,6 +24,8 @@ from transformers import (
 )
 
 from agentmem import AgentSession
+from agentmem.kv.cache import CompactedCache
+from agentmem.kv.layer import Block
 
 TEXT = (
     "The quick brown fox jumps over the lazy dog. A journey of a thousand miles begins with a single step. "
@@ -238,3 +240,47 @@ def check_invariants(s: AgentSession) -> None:
         assert all(0 <= f <= qb.capacity for f in qb.filled)
         for i, f in enumerate(qb.filled):
             assert torch.isfinite(qb.data[i, :f]).all()
+
+
+# ---------------------------------------------------------------- caches without a model
+def subset(layer, h: int, slots: list[int], beta: torch.Tensor | None = None) -> Block:
+    """Entries ``slots`` of head h (as read_span copies), optionally with a new beta (len(slots),)."""
+    full = layer.read_span(h, 0, layer.lengths[h])
+    idx = torch.tensor(slots, dtype=torch.long)
+    block = Block(*(getattr(full, f)[idx] for f in ("keys", "values", "beta", "pos", "tok")))
+    if beta is not None:
+        block.beta = beta.to(torch.float32)
+    return block
+
+
+def spread(n: int, k: int) -> list[int]:
+    """k slot indices spread evenly over [0, n), always including the last one."""
+    out = sorted({round(i * (n - 1) / max(1, k - 1)) for i in range(k)})
+    assert len(out) == k
+    return out
+
+
+def synthetic_cache(spec, tokens: int, max_bytes: int | None = None, seed: int = 0) -> CompactedCache:
+    """A CompactedCache filled with ``tokens`` random keys/values per head (no model involved)."""
+    cache = CompactedCache(spec, torch.float32, "cpu", max_bytes)
+    g = torch.Generator().manual_seed(seed)
+    cache.reserve(tokens)
+    cache.begin_forward(tokens)
+    for i in range(spec.num_layers):
+        k = torch.randn(1, spec.num_kv_heads, tokens, spec.head_dim, generator=g)
+        v = torch.randn(1, spec.num_kv_heads, tokens, spec.v_head_dim, generator=g)
+        cache.update(k, v, i)
+    cache.commit_forward(tokens)
+    return cache
+
+
+def layer_state(layer) -> list:
+    """Capacities, lengths and a copy of every head's buffers of one cache layer."""
+    return [layer.caps, list(layer.lengths)] + [
+        layer.head(name, h).clone() for h in range(layer.num_heads) for name in ("k", "v", "beta", "pos", "tok")
+    ]
+
+
+def same_state(a: list, b: list) -> bool:
+    """Whether two :func:`layer_state` are equal, padding included."""
+    return a[:2] == b[:2] and all(torch.equal(x, y) for x, y in zip(a[2:], b[2:]))

@@ -28,9 +28,10 @@ if TYPE_CHECKING:
 
 WORK_BYTES = 16 * MiB  # fp32 scores of one block of queries over the head's entries
 # On a CPU a block's logits and weights are read and written ~7 times (softmax, max, chunk sums,
-# squares): blocks the size of the L2 cache ran a pass 1.6-2x faster than 16 MiB blocks at 512-16k
-# entries (2-core x86, 2 MiB L2 per core; 2 and 1 MiB blocks were slower again: smaller products).
-CPU_BLOCK_BYTES = 4 * MiB
+# squares), and smaller blocks ran faster up to a point. Measured, not modelled (2-core x86, 2 MiB
+# L2 per core; scoring inside compact(0.5), one process, interleaved): at 2k entries 8 and 4 MiB
+# blocks took 0.72x the time of 16 MiB ones; at 4k, 8 MiB 0.90x, 4 MiB 1.05x (noise ~10%).
+CPU_BLOCK_BYTES = 8 * MiB
 _TINY_MASS = 1e-30  # a query whose weight on a span underflowed: its span softmax is recomputed
 
 

@@ -18,7 +18,8 @@ The narrow API used by policies and compaction: :meth:`CacheLayer.read_span`,
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
@@ -33,10 +34,20 @@ from .layer import ALIGN, FIELDS, GROWTH, Block, CacheLayer, round_up
 HeadSpans = Sequence[tuple[int, int, "Block | None"]]
 
 
+def released_caps(lengths: Sequence[int], caps: Sequence[int], spare: int, uneven_only: bool) -> list[int]:
+    """Per-head capacities keeping ``spare`` slots beyond each length (rounded up), at most ``caps``;
+    ``uneven_only``: ``caps`` as they are when every head holds the same length (such a layer
+    refills its own slots)."""
+    if uneven_only and min(lengths) == max(lengths):
+        return list(caps)
+    return [min(c, round_up(a + spare)) for a, c in zip(lengths, caps)]
+
+
 @dataclass
 class _Transaction:
     """What :meth:`CompactedCache.abort` puts back: lengths, capacities and positions at ``begin``,
-    copies of the layers edited in place since, and the query buffer's content."""
+    the layers structurally edited since as they were (copies, or their old buffers after a
+    copy-on-write edit), and the query buffer's content."""
 
     lengths: list[list[int]]
     caps: list[list[int]]
@@ -44,7 +55,7 @@ class _Transaction:
     position_offset: int
     query_buffer: object
     layers: dict[int, tuple] = field(default_factory=dict)
-    undo_bytes: int = 0  # bytes of the layer copies in ``layers``
+    undo_bytes: int = 0  # bytes of the layers in ``layers``
 
 
 class CompactedCache(Cache):
@@ -76,7 +87,8 @@ class CompactedCache(Cache):
         self.query_buffer = None  # compaction.queries.QueryBuffer fed by the attention path, if any
         self._txn: _Transaction | None = None
         self._txn_depth = 0
-        self.peak_undo_bytes = 0  # most bytes of layer copies one operation held to undo itself
+        self.peak_undo_bytes = 0  # most bytes of old layers one operation held to undo itself
+        self._release: tuple[int, bool] | None = None  # (spare, uneven_only) inside releasing()
 
     # ------------------------------------------------------------------ accounting
     @property
@@ -195,9 +207,7 @@ class CompactedCache(Cache):
         allows the transient copy of the layer. Heads of one layer may end with different capacities.
         ``uneven_only``: leave layers whose heads hold equal lengths alone (they refill their own slots)."""
         for layer in self.layers:
-            if uneven_only and layer.even:
-                continue
-            caps = [min(c, round_up(a + spare)) for a, c in zip(layer.lengths, layer.caps)]
+            caps = released_caps(layer.lengths, layer.caps, spare, uneven_only)
             if sum(caps) < sum(layer.caps):
                 extra = sum(caps) * layer.head_slot_bytes()
                 if self.max_bytes is None or self.kv_bytes + extra <= self.max_bytes:
@@ -278,9 +288,11 @@ class CompactedCache(Cache):
         """Start an all-or-nothing operation: :meth:`abort` puts back exactly what the cache (and its
         query buffer) held here. Nestable; only the outermost begin / commit / abort counts.
 
-        Cheap until something is edited in place: appends are undone by lengths, capacities by a
-        resize, and a layer is copied (once) just before its first structural edit -- compaction,
-        eviction, key rotation (:meth:`touch`). ``peak_bytes`` stays a high-water mark.
+        Cheap until something is edited structurally: appends are undone by lengths, capacities by
+        a resize; a layer's first compaction or eviction is copy-on-write on a CPU (its old buffers
+        are kept, :meth:`replace_spans`), and any other first structural edit -- key rotation, or
+        any edit of a CUDA cache -- copies the layer just before (:meth:`touch`). ``peak_bytes``
+        stays a high-water mark.
         """
         self._txn_depth += 1
         if self._txn_depth > 1:
@@ -383,21 +395,52 @@ class CompactedCache(Cache):
         the current state. Every block is validated (shapes, finite keys, values and beta, no longer
         than its span) before anything is written; a bad block raises :class:`CompactionError` and
         leaves the layer untouched.
+
+        Inside an operation (:meth:`begin`) on a cache whose undo copies would live beside it (a
+        CPU's), the first edit of a layer is copy-on-write: the result goes into new buffers and the
+        old ones become the undo copy as they are -- no copy of the whole layer, and the new buffers
+        are sized by :meth:`releasing` when the caller gives back capacity afterwards anyway.
         """
         self._validate(layer_idx, per_head)
-        self.touch(layer_idx)
         layer = self.layers[layer_idx]
-        for h, spans in enumerate(per_head):
-            for start, end, block in sorted(spans, key=lambda x: -x[0]):  # last first: indices stay valid
-                if block is None and start == end:
-                    continue
-                layer.write_head(h, start, end, block)
+        txn = self._txn
+        if txn is not None and layer_idx not in txn.layers and layer.device == self.undo_device:
+            caps = self._caps_after(layer, layer.lengths_after(per_head))
+            undo = layer.nbytes
+            txn.layers[layer_idx] = layer.rebuild(per_head, caps)
+            txn.undo_bytes += undo
+            self.peak_undo_bytes = max(self.peak_undo_bytes, txn.undo_bytes)
+        else:
+            self.touch(layer_idx)
+            for h, spans in enumerate(per_head):
+                for start, end, block in sorted(spans, key=lambda x: -x[0]):  # last first: indices stay valid
+                    if block is None and start == end:
+                        continue
+                    layer.write_head(h, start, end, block)
         layer.refresh_meta()
+
+    @contextmanager
+    def releasing(self, spare: int = 0, uneven_only: bool = False) -> Iterator[None]:
+        """Copy-on-write edits inside allocate each layer at the capacity ``shrink_to_fit(spare,
+        uneven_only)`` would leave it, for a caller that calls it afterwards (a compaction): its
+        edited layers are then already that size, and never held at both sizes."""
+        previous, self._release = self._release, (spare, uneven_only)
+        try:
+            yield
+        finally:
+            self._release = previous
+
+    def _caps_after(self, layer: CacheLayer, lengths: list[int]) -> list[int]:
+        """Capacities for a copy-on-write edit leaving ``lengths``: the layer's own, or inside
+        :meth:`releasing` those :meth:`shrink_to_fit` would give it."""
+        return layer.caps if self._release is None else released_caps(lengths, layer.caps, *self._release)
 
     def evict_all_heads(self, layer_idx: int, start: int, end: int) -> None:
         """Delete slots [start, end) of every head of an even layer (one vectorised move when uniform)."""
         layer = self.layers[layer_idx]
-        if not (layer.even and layer.uniform):
+        txn = self._txn
+        copy_on_write = txn is not None and layer_idx not in txn.layers and layer.device == self.undo_device
+        if not (layer.even and layer.uniform) or copy_on_write:
             self.replace_spans(layer_idx, [[(start, end, None)]] * layer.num_heads)
             return
         length = layer.lengths[0]

@@ -56,8 +56,13 @@ class Block:
         return int(self.keys.shape[0])
 
     @property
+    def fields(self) -> tuple[torch.Tensor, ...]:
+        """The tensors in the order of the layer's buffers (:data:`FIELDS`)."""
+        return self.keys, self.values, self.beta, self.pos, self.tok
+
+    @property
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (self.keys, self.values, self.beta, self.pos, self.tok))
+        return sum(t.numel() * t.element_size() for t in self.fields)
 
 
 class CacheLayer:
@@ -386,12 +391,49 @@ class CacheLayer:
                 buf = self.head(name, h)
                 buf[start + t : start + t + tail] = buf[end:length].clone()
         if t:
-            dtypes = (self.dtype, self.dtype, torch.float32, torch.int32, torch.int32)
-            for name, src, dt in zip(FIELDS, (block.keys, block.values, block.beta, block.pos, block.tok), dtypes):
-                self.head(name, h)[start : start + t] = src.to(dt)
+            self._put(block, self._offs[h] + start)
         if new_len < length:
             self._clear(h, new_len, length)
         self.lengths[h] = new_len
+
+    def lengths_after(self, per_head: Sequence[Sequence[tuple[int, int, Block | None]]]) -> list[int]:
+        """Each head's length once its spans ``(start, end, block)`` are replaced (None deletes)."""
+        return [
+            n - sum(e - s for s, e, _ in spans) + sum(len(b) for _, _, b in spans if b is not None)
+            for n, spans in zip(self.lengths, per_head)
+        ]
+
+    def rebuild(self, per_head: Sequence[Sequence[tuple[int, int, Block | None]]], caps: Sequence[int]) -> tuple:
+        """Replace spans of every head (non-overlapping ``(start, end, block)`` per head, None deletes)
+        like :meth:`write_head`, but into new buffers of capacities ``caps``: the old buffers are
+        left as they were and returned as a :meth:`snapshot` -- not a copy -- for an undo to adopt."""
+        lengths = self.lengths_after(per_head)
+        if any(n > c for n, c in zip(lengths, caps)):
+            raise CompactionError(f"replacements need lengths {lengths}, over capacities {list(caps)}")
+        old = {name: getattr(self, name) for name in FIELDS}
+        state = (*old.values(), list(self._caps), list(self.lengths))
+        old_offs, old_lengths = self._offs, self.lengths
+        self._alloc(caps)
+        for h, spans in enumerate(per_head):
+            src, dst = old_offs[h], self._offs[h]
+            kept = 0  # old slots of head h before this one are written
+            for start, end, block in sorted([*spans, (old_lengths[h], old_lengths[h], None)], key=lambda x: x[0]):
+                n = start - kept
+                for name in FIELDS:  # the old entries between the previous span and this one
+                    getattr(self, name)[dst : dst + n] = old[name][src + kept : src + start]
+                dst += n
+                if block is not None and len(block):
+                    self._put(block, dst)
+                    dst += len(block)
+                kept = end
+        self.lengths = lengths
+        return state
+
+    def _put(self, block: Block, at: int) -> None:
+        """Write a block's entries at flat slot ``at`` onwards, in the buffers' dtypes."""
+        for name, part in zip(FIELDS, block.fields):
+            buf = getattr(self, name)
+            buf[at : at + len(block)] = part.to(buf.dtype)
 
     def delete_all_heads(self, start: int, end: int) -> None:
         """Delete slots [start, end) of every head of a uniform, even layer (one move per buffer)."""

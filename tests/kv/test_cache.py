@@ -9,7 +9,7 @@ import torch
 
 from agentmem import AgentSession, CompactionError
 from agentmem.kv.layer import META_BYTES_PER_SLOT, Block
-from tests.helpers import TEXT, read_all
+from tests.helpers import TEXT, layer_state, read_all, same_state, spread, subset, synthetic_cache
 
 
 def held_bytes(cache) -> int:
@@ -74,6 +74,62 @@ def test_failed_replacement_leaves_cache_untouched(tiny_llama, tokenizer):
         cache.replace_spans(0, [[(2, 3, good)], [(2, 8, good)]])
     for layer, (k, beta, lens) in zip(cache.layers, before):
         assert torch.equal(layer.k, k) and torch.equal(layer.beta, beta) and layer.lengths == lens
+
+
+def _edits(layer) -> list[list[tuple]]:
+    """Spans of both heads of a 200-entry layer: deletions, shorter and empty replacements, uneven."""
+    return [
+        [(0, 10, None), (50, 120, subset(layer, 0, spread(200, 20), torch.linspace(-2, 2, 20))), (150, 160, None)],
+        [(5, 200, subset(layer, 1, spread(200, 30))), (0, 2, subset(layer, 1, [0]))],
+    ]
+
+
+def test_copy_on_write_edit_equals_the_in_place_one_and_its_undo_is_the_old_buffers(tiny_llama):
+    """Inside an operation, a CPU cache's first edit of a layer is written into new buffers -- the
+    same content, lengths, capacities and padding as the in-place edit outside one -- and the old
+    buffers, not a copy, are what an abort puts back; the next edit of that layer goes in place."""
+    _, loaded = tiny_llama
+    plain = synthetic_cache(loaded.spec, 200)
+    cow = plain.clone()
+    before, old_k = layer_state(cow.layers[1]), cow.layers[1].k
+    plain.replace_spans(1, _edits(plain.layers[1]))
+    cow.begin()
+    cow.replace_spans(1, _edits(cow.layers[1]))
+    assert same_state(layer_state(cow.layers[1]), layer_state(plain.layers[1]))
+    assert cow.layers[1].lengths == [200 - 10 - 70 + 20 - 10, 200 - 195 + 30 - 2 + 1]
+    assert cow.layers[1].k is not old_k and cow.peak_undo_bytes == before[0][0] * 2 * cow.layers[1].head_slot_bytes()
+    new_k = cow.layers[1].k
+    cow.evict_all_heads(2, 0, 50)  # a uniform layer's fast path is copy-on-write too
+    cow.replace_spans(1, [[(0, 5, None)], [(0, 1, None)]])
+    assert cow.layers[1].k is new_k  # already saved: in place
+    cow.abort()
+    assert cow.layers[1].k is old_k and same_state(layer_state(cow.layers[1]), before)
+    assert same_state(layer_state(cow.layers[2]), layer_state(plain.layers[2]))
+
+
+def test_copy_on_write_inside_releasing_sizes_layers_as_shrink_to_fit_would(tiny_llama):
+    """Inside ``releasing(spare, uneven_only)`` a copy-on-write edit allocates the capacities the
+    matching shrink_to_fit gives the in-place edit afterwards (which then has nothing to do), and an
+    even layer keeps its own when only uneven ones are released."""
+    _, loaded = tiny_llama
+    plain = synthetic_cache(loaded.spec, 200)
+    cow = plain.clone()
+    for spare, uneven_only in ((8, True), (0, False)):
+        for cache in (plain, cow):  # plain: no operation open, so its edits go in place
+            if cache is cow:
+                cache.begin()
+            with cache.releasing(spare, uneven_only):
+                cache.replace_spans(0, _edits(cache.layers[0]))
+                cache.evict_all_heads(2, 0, 120)
+            if cache is cow:
+                cache.commit()
+        plain.shrink_to_fit(spare, uneven_only)  # its layers were edited in place: only now released
+        for a, b in zip(plain.layers, cow.layers):
+            assert same_state(layer_state(a), layer_state(b))
+        caps = [layer.caps for layer in cow.layers]
+        cow.shrink_to_fit(spare, uneven_only)
+        assert [layer.caps for layer in cow.layers] == caps
+        plain, cow = synthetic_cache(loaded.spec, 200), synthetic_cache(loaded.spec, 200)
 
 
 def test_failed_forward_rolls_back(tiny_llama, tokenizer):

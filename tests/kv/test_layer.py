@@ -16,20 +16,19 @@ import torch
 from agentmem import AgentSession
 from agentmem.kv import attention
 from agentmem.kv.attention import agentmem_attention_forward
-from agentmem.kv.cache import CompactedCache
-from agentmem.kv.layer import Block
 from agentmem.models import wrap_model
-from tests.helpers import TEXT, build_tiny, read_all, reference_logits, twin
-
-
-def subset(layer, h: int, slots: list[int], beta: torch.Tensor | None = None) -> Block:
-    """Entries ``slots`` of head h (as read_span copies), optionally with a new beta (len(slots),)."""
-    full = layer.read_span(h, 0, layer.lengths[h])
-    idx = torch.tensor(slots, dtype=torch.long)
-    block = Block(*(getattr(full, f)[idx] for f in ("keys", "values", "beta", "pos", "tok")))
-    if beta is not None:
-        block.beta = beta.to(torch.float32)
-    return block
+from tests.helpers import (
+    TEXT,
+    build_tiny,
+    layer_state,
+    read_all,
+    reference_logits,
+    same_state,
+    spread,
+    subset,
+    synthetic_cache,
+    twin,
+)
 
 
 def keep_per_head(cache, layer_idx: int, keeps: list[list[int]], betas: list | None = None) -> None:
@@ -40,27 +39,6 @@ def keep_per_head(cache, layer_idx: int, keeps: list[list[int]], betas: list | N
         block = subset(layer, h, slots, None if betas is None else betas[h])
         per_head.append([(0, layer.lengths[h], block)])
     cache.replace_spans(layer_idx, per_head)
-
-
-def spread(n: int, k: int) -> list[int]:
-    """k slot indices spread evenly over [0, n), always including the last one."""
-    out = sorted({round(i * (n - 1) / max(1, k - 1)) for i in range(k)})
-    assert len(out) == k
-    return out
-
-
-def synthetic_cache(spec, tokens: int, max_bytes: int | None = None, seed: int = 0) -> CompactedCache:
-    """A CompactedCache filled with ``tokens`` random keys/values per head (no model involved)."""
-    cache = CompactedCache(spec, torch.float32, "cpu", max_bytes)
-    g = torch.Generator().manual_seed(seed)
-    cache.reserve(tokens)
-    cache.begin_forward(tokens)
-    for i in range(spec.num_layers):
-        k = torch.randn(1, spec.num_kv_heads, tokens, spec.head_dim, generator=g)
-        v = torch.randn(1, spec.num_kv_heads, tokens, spec.v_head_dim, generator=g)
-        cache.update(k, v, i)
-    cache.commit_forward(tokens)
-    return cache
 
 
 def per_head_calls(monkeypatch) -> list[int]:
@@ -383,16 +361,6 @@ def test_am_compaction_of_nonuniform_layers(tiny_llama, tokenizer):
 # ---------------------------------------------------------------------- state
 
 
-def _state(layer) -> list:
-    return [layer.caps, list(layer.lengths)] + [
-        layer.head(name, h).clone() for h in range(layer.num_heads) for name in ("k", "v", "beta", "pos", "tok")
-    ]
-
-
-def _same(a: list, b: list) -> bool:
-    return a[:2] == b[:2] and all(torch.equal(x, y) for x, y in zip(a[2:], b[2:]))
-
-
 def test_snapshot_clone_rollback_rotate_nonuniform(tiny_llama):
     _, loaded = tiny_llama
     cache = synthetic_cache(loaded.spec, 200)
@@ -400,7 +368,7 @@ def test_snapshot_clone_rollback_rotate_nonuniform(tiny_llama):
         keep_per_head(cache, idx, [spread(200, 150), spread(200, 20)])
     cache.shrink_to_fit()
     layer = cache.layers[1]
-    start = _state(layer)
+    start = layer_state(layer)
 
     # snapshot / restore across an append and an edit
     snap = layer.snapshot()
@@ -412,13 +380,13 @@ def test_snapshot_clone_rollback_rotate_nonuniform(tiny_llama):
     cache.replace_spans(1, [[(0, 10, None)], [(0, 2, None)]])
     assert layer.lengths == [143, 21]
     layer.restore(snap)
-    assert _same(_state(layer), start) and not layer.uniform
+    assert same_state(layer_state(layer), start) and not layer.uniform
 
     # clone: same layout and content, independent buffers
     other = cache.clone()
-    assert _same(_state(other.layers[1]), start)
+    assert same_state(layer_state(other.layers[1]), start)
     other.replace_spans(1, [[(0, 50, None)], [(0, 5, None)]])
-    assert _same(_state(layer), start)
+    assert same_state(layer_state(layer), start)
 
     # rollback of a forward: appended entries vanish, padding is padding again
     lengths = cache.snapshot_lengths()
