@@ -402,9 +402,10 @@ class CompactedCache(Cache):
         are sized by :meth:`releasing` when the caller gives back capacity afterwards anyway.
         """
         self._validate(layer_idx, per_head)
-        layer = self.layers[layer_idx]
-        txn = self._txn
-        if txn is not None and layer_idx not in txn.layers and layer.device == self.undo_device:
+        if not any(end > start or block is not None for spans in per_head for start, end, block in spans):
+            return  # nothing to replace: no copy, no new buffers
+        layer, txn = self.layers[layer_idx], self._txn
+        if self._copy_on_write(layer_idx):
             caps = self._caps_after(layer, layer.lengths_after(per_head))
             undo = layer.nbytes
             txn.layers[layer_idx] = layer.rebuild(per_head, caps)
@@ -418,6 +419,11 @@ class CompactedCache(Cache):
                         continue
                     layer.write_head(h, start, end, block)
         layer.refresh_meta()
+
+    def _copy_on_write(self, layer_idx: int) -> bool:
+        """Whether the next structural edit of a layer goes to new buffers (:meth:`replace_spans`)."""
+        txn = self._txn
+        return txn is not None and layer_idx not in txn.layers and self.layers[layer_idx].device == self.undo_device
 
     @contextmanager
     def releasing(self, spare: int = 0, uneven_only: bool = False) -> Iterator[None]:
@@ -438,9 +444,7 @@ class CompactedCache(Cache):
     def evict_all_heads(self, layer_idx: int, start: int, end: int) -> None:
         """Delete slots [start, end) of every head of an even layer (one vectorised move when uniform)."""
         layer = self.layers[layer_idx]
-        txn = self._txn
-        copy_on_write = txn is not None and layer_idx not in txn.layers and layer.device == self.undo_device
-        if not (layer.even and layer.uniform) or copy_on_write:
+        if not (layer.even and layer.uniform) or self._copy_on_write(layer_idx):
             self.replace_spans(layer_idx, [[(start, end, None)]] * layer.num_heads)
             return
         length = layer.lengths[0]

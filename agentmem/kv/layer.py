@@ -413,19 +413,23 @@ class CacheLayer:
         old = {name: getattr(self, name) for name in FIELDS}
         state = (*old.values(), list(self._caps), list(self.lengths))
         old_offs, old_lengths = self._offs, self.lengths
-        self._alloc(caps)
-        for h, spans in enumerate(per_head):
-            src, dst = old_offs[h], self._offs[h]
-            kept = 0  # old slots of head h before this one are written
-            for start, end, block in sorted([*spans, (old_lengths[h], old_lengths[h], None)], key=lambda x: x[0]):
-                n = start - kept
-                for name in FIELDS:  # the old entries between the previous span and this one
-                    getattr(self, name)[dst : dst + n] = old[name][src + kept : src + start]
-                dst += n
-                if block is not None and len(block):
-                    self._put(block, dst)
-                    dst += len(block)
-                kept = end
+        try:
+            self._alloc(caps)
+            for h, spans in enumerate(per_head):
+                src, dst = old_offs[h], self._offs[h]
+                kept = 0  # old slots of head h before this one are written
+                for start, end, block in sorted([*spans, (old_lengths[h], old_lengths[h], None)], key=lambda x: x[0]):
+                    n = start - kept
+                    for name in FIELDS:  # the old entries between the previous span and this one
+                        getattr(self, name)[dst : dst + n] = old[name][src + kept : src + start]
+                    dst += n
+                    if block is not None and len(block):
+                        self._put(block, dst)
+                        dst += len(block)
+                    kept = end
+        except BaseException:  # out of memory, say: the layer is what it was (nothing wrote the old buffers)
+            self.restore(state)
+            raise
         self.lengths = lengths
         return state
 

@@ -87,13 +87,17 @@ def _edits(layer) -> list[list[tuple]]:
 def test_copy_on_write_edit_equals_the_in_place_one_and_its_undo_is_the_old_buffers(tiny_llama):
     """Inside an operation, a CPU cache's first edit of a layer is written into new buffers -- the
     same content, lengths, capacities and padding as the in-place edit outside one -- and the old
-    buffers, not a copy, are what an abort puts back; the next edit of that layer goes in place."""
+    buffers, not a copy, are what an abort puts back; the next edit of that layer goes in place,
+    and an edit that replaces nothing neither saves nor moves anything."""
     _, loaded = tiny_llama
     plain = synthetic_cache(loaded.spec, 200)
     cow = plain.clone()
     before, old_k = layer_state(cow.layers[1]), cow.layers[1].k
     plain.replace_spans(1, _edits(plain.layers[1]))
     cow.begin()
+    cow.replace_spans(1, [[(3, 3, None)], [(0, 0, None)]])  # nothing to replace: nothing saved or moved
+    cow.evict_all_heads(2, 7, 7)
+    assert cow.layers[1].k is old_k and cow.peak_undo_bytes == 0
     cow.replace_spans(1, _edits(cow.layers[1]))
     assert same_state(layer_state(cow.layers[1]), layer_state(plain.layers[1]))
     assert cow.layers[1].lengths == [200 - 10 - 70 + 20 - 10, 200 - 195 + 30 - 2 + 1]
@@ -105,6 +109,30 @@ def test_copy_on_write_edit_equals_the_in_place_one_and_its_undo_is_the_old_buff
     cow.abort()
     assert cow.layers[1].k is old_k and same_state(layer_state(cow.layers[1]), before)
     assert same_state(layer_state(cow.layers[2]), layer_state(plain.layers[2]))
+
+
+def test_copy_on_write_edit_that_fails_midway_leaves_the_layer_as_it_was(tiny_llama, monkeypatch):
+    """A failure while a layer is written into its new buffers (out of memory, say) puts the old
+    buffers back at once: the layer is as it was, before and after the operation's abort."""
+    _, loaded = tiny_llama
+    cache = synthetic_cache(loaded.spec, 200)
+    before, old_k = layer_state(cache.layers[1]), cache.layers[1].k
+    calls = []
+
+    def put(self, block, at):
+        calls.append(at)
+        if len(calls) == 2:
+            raise MemoryError("injected")
+        return real_put(self, block, at)
+
+    real_put = type(cache.layers[1])._put
+    monkeypatch.setattr(type(cache.layers[1]), "_put", put)
+    cache.begin()
+    with pytest.raises(MemoryError):
+        cache.replace_spans(1, _edits(cache.layers[1]))
+    assert cache.layers[1].k is old_k and same_state(layer_state(cache.layers[1]), before)
+    cache.abort()
+    assert cache.layers[1].k is old_k and same_state(layer_state(cache.layers[1]), before)
 
 
 def test_copy_on_write_inside_releasing_sizes_layers_as_shrink_to_fit_would(tiny_llama):
