@@ -313,9 +313,14 @@ class CompactedCache(Cache):
         memory for a CUDA cache, :attr:`undo_device`; its bytes count in :attr:`peak_undo_bytes`)."""
         txn = self._txn
         if txn is not None and layer_idx not in txn.layers:
-            txn.layers[layer_idx] = self.layers[layer_idx].snapshot(self.undo_device)
-            txn.undo_bytes += self.layers[layer_idx].nbytes
-            self.peak_undo_bytes = max(self.peak_undo_bytes, txn.undo_bytes)
+            layer = self.layers[layer_idx]
+            self._keep_undo(layer_idx, layer.snapshot(self.undo_device), layer.nbytes)
+
+    def _keep_undo(self, layer_idx: int, state: tuple, nbytes: int) -> None:
+        """Record a layer's state from before the open operation's first structural edit of it."""
+        self._txn.layers[layer_idx] = state
+        self._txn.undo_bytes += nbytes
+        self.peak_undo_bytes = max(self.peak_undo_bytes, self._txn.undo_bytes)
 
     @property
     def undo_device(self) -> torch.device:
@@ -404,13 +409,11 @@ class CompactedCache(Cache):
         self._validate(layer_idx, per_head)
         if not any(end > start or block is not None for spans in per_head for start, end, block in spans):
             return  # nothing to replace: no copy, no new buffers
-        layer, txn = self.layers[layer_idx], self._txn
+        layer = self.layers[layer_idx]
         if self._copy_on_write(layer_idx):
+            nbytes = layer.nbytes  # the old buffers' size, counted as a copy's would be
             caps = self._caps_after(layer, layer.lengths_after(per_head))
-            undo = layer.nbytes
-            txn.layers[layer_idx] = layer.rebuild(per_head, caps)
-            txn.undo_bytes += undo
-            self.peak_undo_bytes = max(self.peak_undo_bytes, txn.undo_bytes)
+            self._keep_undo(layer_idx, layer.rebuild(per_head, caps), nbytes)
         else:
             self.touch(layer_idx)
             for h, spans in enumerate(per_head):

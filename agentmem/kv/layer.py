@@ -307,11 +307,12 @@ class CacheLayer:
         for name in FIELDS:
             self.head(name, h)[a:b] = _FILL[name]
 
-    def snapshot(self, device: torch.device | None = None) -> tuple:
+    def snapshot(self, device: torch.device | None = None, copy: bool = True) -> tuple:
         """A copy of everything this layer holds: (k, v, beta, pos, tok, caps, lengths), on ``device``
-        (default: the layer's own; a CUDA cache keeps its undo copies in host memory)."""
+        (default: the layer's own; a CUDA cache keeps its undo copies in host memory). ``copy=False``
+        on the layer's own device: the buffers themselves, for a caller that is about to replace them."""
         device = device or self.device
-        bufs = (getattr(self, name).to(device, copy=True) for name in FIELDS)
+        bufs = (getattr(self, name).to(device, copy=copy) for name in FIELDS)
         return (*bufs, list(self._caps), list(self.lengths))
 
     def restore(self, state: tuple) -> None:
@@ -410,8 +411,8 @@ class CacheLayer:
         lengths = self.lengths_after(per_head)
         if any(n > c for n, c in zip(lengths, caps)):
             raise CompactionError(f"replacements need lengths {lengths}, over capacities {list(caps)}")
-        old = {name: getattr(self, name) for name in FIELDS}
-        state = (*old.values(), list(self._caps), list(self.lengths))
+        state = self.snapshot(copy=False)
+        old = dict(zip(FIELDS, state))
         old_offs, old_lengths = self._offs, self.lengths
         try:
             self._alloc(caps)
