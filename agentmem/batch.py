@@ -14,7 +14,7 @@ import torch
 from .decoding import Decoding, check_generation_args
 from .engine import Engine, model_call
 from .events import CompactionEvent, GenerationResult
-from .kv.cache import BatchedCaches
+from .kv.batched import BatchedCaches
 from .session import Session
 from .text import check_messages
 
@@ -107,7 +107,7 @@ def forward_batch(
     """One model call for several engines sharing one model: engine b reads ``chunks[b]`` (all of
     one length n). Room is made in each engine first (trims, positions, compaction: what
     :meth:`Engine.run` does before a chunk), then one forward runs the batch, each row attending
-    over its own cache (:class:`~agentmem.kv.cache.BatchedCaches`). Returns each engine's logits per
+    over its own cache (:class:`~agentmem.kv.batched.BatchedCaches`). Returns each engine's logits per
     ``keep`` ("none", "last" (V,) or "all" (n, V), fp32). A failed call leaves every cache as it was
     before the model call (compactions made to make room stay, as in :meth:`Engine.run`).
     """

@@ -20,7 +20,6 @@ from __future__ import annotations
 import math
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
 
 import torch
 from transformers.cache_utils import Cache
@@ -28,34 +27,9 @@ from transformers.cache_utils import Cache
 from ..errors import BudgetError, CompactionError
 from ..spec import ModelSpec
 from ..units import MiB
-from .layer import ALIGN, FIELDS, GROWTH, Block, CacheLayer, round_up
-
-# per KV head: the spans to replace, as (start, end, block); block None deletes the span
-HeadSpans = Sequence[tuple[int, int, "Block | None"]]
-
-
-def released_caps(lengths: Sequence[int], caps: Sequence[int], spare: int, uneven_only: bool) -> list[int]:
-    """Per-head capacities keeping ``spare`` slots beyond each length (rounded up), at most ``caps``;
-    ``uneven_only``: ``caps`` as they are when every head holds the same length (such a layer
-    refills its own slots)."""
-    if uneven_only and min(lengths) == max(lengths):
-        return list(caps)
-    return [min(c, round_up(a + spare)) for a, c in zip(lengths, caps)]
-
-
-@dataclass
-class _Transaction:
-    """What :meth:`CompactedCache.abort` puts back: lengths, capacities and positions at ``begin``,
-    the layers structurally edited since as they were (copies, or their old buffers after a
-    copy-on-write edit), and the query buffer's content."""
-
-    lengths: list[list[int]]
-    caps: list[list[int]]
-    logical_length: int
-    position_offset: int
-    query_buffer: object
-    layers: dict[int, tuple] = field(default_factory=dict)
-    undo_bytes: int = 0  # bytes of the layers in ``layers``
+from .layer import ALIGN, FIELDS, GROWTH, CacheLayer, round_up
+from .spans import HeadSpans, check_spans, released_caps
+from .transaction import Transaction
 
 
 class CompactedCache(Cache):
@@ -85,7 +59,7 @@ class CompactedCache(Cache):
         self.step_first_pos = 0
         self.query_observer = None  # callable(layer_idx, query): scratch passes collecting queries
         self.query_buffer = None  # compaction.queries.QueryBuffer fed by the attention path, if any
-        self._txn: _Transaction | None = None
+        self._txn: Transaction | None = None
         self._txn_depth = 0
         self.peak_undo_bytes = 0  # most bytes of old layers one operation held to undo itself
         self._release: tuple[int, bool] | None = None  # (spare, uneven_only) inside releasing()
@@ -298,7 +272,7 @@ class CompactedCache(Cache):
         if self._txn_depth > 1:
             return
         qb = self.query_buffer
-        self._txn = _Transaction(
+        self._txn = Transaction(
             lengths=self.snapshot_lengths(),
             caps=[layer.caps for layer in self.layers],
             logical_length=self.logical_length,
@@ -318,9 +292,7 @@ class CompactedCache(Cache):
 
     def _keep_undo(self, layer_idx: int, state: tuple, nbytes: int) -> None:
         """Record a layer's state from before the open operation's first structural edit of it."""
-        self._txn.layers[layer_idx] = state
-        self._txn.undo_bytes += nbytes
-        self.peak_undo_bytes = max(self.peak_undo_bytes, self._txn.undo_bytes)
+        self.peak_undo_bytes = max(self.peak_undo_bytes, self._txn.keep(layer_idx, state, nbytes))
 
     @property
     def undo_device(self) -> torch.device:
@@ -342,13 +314,7 @@ class CompactedCache(Cache):
         if self._txn_depth > 0 or txn is None:
             return
         self._txn = None
-        for i, layer in enumerate(self.layers):
-            if i in txn.layers:
-                layer.restore(txn.layers[i])
-            layer.truncate_to(txn.lengths[i])
-            if layer.caps != txn.caps[i]:
-                layer.resize(txn.caps[i])
-            layer.refresh_meta()
+        txn.restore_layers(self.layers)
         self.logical_length = txn.logical_length
         self.position_offset = txn.position_offset
         self._new_pos = self._new_tok = None
@@ -362,36 +328,7 @@ class CompactedCache(Cache):
     def validate_spans(self, staged: Sequence[tuple[int, Sequence[HeadSpans]]]) -> None:
         """Check replacements for several layers before any is written (see :meth:`replace_spans`)."""
         for layer_idx, per_head in staged:
-            self._validate(layer_idx, per_head)
-
-    def _validate(self, layer_idx: int, per_head: Sequence[HeadSpans]) -> None:
-        layer = self.layers[layer_idx]
-        if len(per_head) != layer.num_heads:
-            raise CompactionError(f"need the spans of every KV head ({layer.num_heads}), got {len(per_head)}")
-        for h, spans in enumerate(per_head):
-            prev_end = 0
-            for start, end, block in sorted(spans, key=lambda x: x[0]):
-                if not prev_end <= start <= end <= layer.lengths[h]:
-                    raise CompactionError(
-                        f"layer {layer_idx} head {h}: span [{start}, {end}) outside [0, {layer.lengths[h]}) "
-                        "or overlapping another span"
-                    )
-                prev_end = end
-                if block is None:
-                    continue
-                t = len(block)
-                if block.keys.shape != (t, layer.head_dim) or block.values.shape != (t, layer.v_head_dim):
-                    shapes = f"{tuple(block.keys.shape)}/{tuple(block.values.shape)}"
-                    raise CompactionError(f"layer {layer_idx} head {h}: block shapes {shapes}")
-                if block.beta.shape != (t,) or block.pos.shape != (t,) or block.tok.shape != (t,):
-                    raise CompactionError(f"layer {layer_idx} head {h}: beta/pos/tok must have shape ({t},)")
-                if t > end - start:
-                    raise CompactionError(
-                        f"layer {layer_idx} head {h}: block of {t} entries replaces only {end - start}"
-                    )
-                for name in ("keys", "values", "beta"):
-                    if not torch.isfinite(getattr(block, name)).all():
-                        raise CompactionError(f"layer {layer_idx} head {h}: non-finite {name} in compacted block")
+            check_spans(self.layers[layer_idx], layer_idx, per_head)
 
     def replace_spans(self, layer_idx: int, per_head: Sequence[HeadSpans]) -> None:
         """Atomically replace spans of every KV head of one layer by blocks (None = delete).
@@ -406,7 +343,7 @@ class CompactedCache(Cache):
         old ones become the undo copy as they are -- no copy of the whole layer, and the new buffers
         are sized by :meth:`releasing` when the caller gives back capacity afterwards anyway.
         """
-        self._validate(layer_idx, per_head)
+        check_spans(self.layers[layer_idx], layer_idx, per_head)
         if not any(end > start or block is not None for spans in per_head for start, end, block in spans):
             return  # nothing to replace: no copy, no new buffers
         layer = self.layers[layer_idx]
@@ -558,42 +495,3 @@ class CompactedCache(Cache):
         self._new_pos = self._new_tok = None
         self.peak_bytes = 0
         self._note_peak(max(0, meta["peak_bytes"] - self.kv_bytes))
-
-
-class BatchedCaches(Cache):
-    """Several sessions' :class:`CompactedCache` s read as one batch: row b of a model call is
-    ``caches[b]``'s sequence (one new token each, a decode step of several sessions at once).
-
-    ``update`` hands row b's keys and values to ``caches[b]``; agentmem attention then attends
-    each row over its own cache (:func:`agentmem.kv.attention.agentmem_attention_forward`), so every
-    session computes exactly what it computes alone, while the model's matrix products run once
-    for the whole batch. Each cache must have had ``begin_forward(1)`` called.
-    """
-
-    def __init__(self, caches: Sequence[CompactedCache]):
-        if not caches:
-            raise ValueError("BatchedCaches needs at least one cache")
-        super().__init__(layers=caches[0].layers)  # for transformers' per-layer queries (is_sliding ...)
-        self.caches = list(caches)
-        self.returned: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * len(self.caches)
-
-    def update(self, key_states, value_states, layer_idx: int, *args, **kwargs):
-        """key_states / value_states (B, H_kv, 1, d): row b goes to caches[b]; returns them unchanged."""
-        if key_states.shape[0] != len(self.caches):
-            raise ValueError(f"batch of {key_states.shape[0]} rows for {len(self.caches)} caches")
-        for b, cache in enumerate(self.caches):
-            self.returned[b] = cache.update(key_states[b : b + 1], value_states[b : b + 1], layer_idx)
-        return key_states, value_states
-
-    def get_seq_length(self, layer_idx: int = 0) -> int:
-        return self.caches[0].get_seq_length(layer_idx)
-
-    def get_mask_sizes(self, query_length: int, layer_idx: int = 0) -> tuple[int, int]:
-        return query_length, 0  # agentmem attention builds each row's mask from its own cache
-
-    def get_max_length(self, layer_idx: int | None = None) -> int:
-        return -1
-
-    @property
-    def is_compileable(self) -> bool:
-        return False

@@ -142,6 +142,11 @@ class CacheLayer:
         return sum(self.lengths)
 
     @property
+    def used_slots(self) -> int:
+        """Flat slots up to the last head's last entry: every slot beyond is padding."""
+        return self._offs[-1] + self.lengths[-1]
+
+    @property
     def even(self) -> bool:
         return min(self.lengths) == max(self.lengths)
 
@@ -153,6 +158,7 @@ class CacheLayer:
         self._uniform = min(self._caps) == max(self._caps)
         self._offs_t: torch.Tensor | None = None  # device copy of offs, built on demand (gather)
         self._next_slots: tuple[tuple[int, ...], torch.Tensor] | None = None  # (lengths, offs + lengths) for append
+        self._owner: torch.Tensor | None = None  # owner_bias(), built on demand
 
     def _alloc(self, caps: Sequence[int]) -> None:
         self._set_layout(caps)
@@ -211,6 +217,17 @@ class CacheLayer:
     def run(self, h: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Head h's keys (cap, d), values (cap, d_v) and beta (cap,): views; non-uniform layers only."""
         return self._runs[h]
+
+    def owner_bias(self) -> torch.Tensor:
+        """(H, 1, N) fp32: 0 on head h's own slots, -inf on every other head's. Added to the flat
+        ``beta`` (-inf on padding), it hides from head h's queries every slot that is not one of its
+        entries. Built once per layout (N * H * 4 bytes: 12 KiB for 3 heads of 1,024 slots)."""
+        if self._owner is None:
+            own = torch.full((self.num_heads, 1, int(self.k.shape[0])), -math.inf, device=self.device)
+            for h, (a, c) in enumerate(zip(self._offs, self._caps)):
+                own[h, :, a : a + c] = 0.0
+            self._owner = own
+        return self._owner
 
     def kv4d(self, length: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(1, H, length, d) and (1, H, length, d_v) views of keys and values; uniform layers only."""

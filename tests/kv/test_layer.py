@@ -126,11 +126,22 @@ def test_nonuniform_attention_equals_masked_recompute(tiny, tokenizer, monkeypat
     torch.testing.assert_close(got, expected, atol=2e-4, rtol=1e-4)
 
 
-@pytest.mark.parametrize("products", [True, False])
-def test_nonuniform_attention_equals_padded_layout(tiny, tokenizer, monkeypatch, products):
+def decode_path(monkeypatch, path: str) -> None:
+    """Route decode steps over non-uniform fp32 CPU layers: "flat" (one product over all of a layer's
+    slots), "heads" (products per KV head) or "sdpa" (one SDPA call per KV head)."""
+    monkeypatch.setattr(attention, "PRODUCTS_DECODE", path != "sdpa")
+    monkeypatch.setattr(attention, "FLAT_DECODE_SLOTS", 0 if path == "heads" else 10**9)
+
+
+DECODE_PATHS = ["flat", "heads", "sdpa"]
+
+
+@pytest.mark.parametrize("path", DECODE_PATHS)
+def test_nonuniform_attention_equals_padded_layout(tiny, tokenizer, monkeypatch, path):
     """Different entries and beta per head: per-head attention == the padded (uniform) layout, with
-    decode steps as per-head matrix products (the fp32 CPU path) or through SDPA."""
-    monkeypatch.setattr(attention, "PRODUCTS_DECODE", products)
+    decode steps through each path (products over the whole layer or per head: the fp32 CPU paths;
+    SDPA per head)."""
+    decode_path(monkeypatch, path)
     _, loaded = tiny
     ids = tokenizer(TEXT * 2)["input_ids"]
     prefix, new = ids[:30], ids[30:37]
@@ -182,13 +193,14 @@ def _dense(layer, query, scale, first_pos, softcap=None) -> torch.Tensor:
     return torch.stack(out)[None].transpose(1, 2)
 
 
-@pytest.mark.parametrize("products", [True, False])
+@pytest.mark.parametrize("path", DECODE_PATHS)
 @pytest.mark.parametrize("softcap", [None, 20.0])
 @pytest.mark.parametrize("n", [1, 5])
-def test_per_head_attention_sliding_window_and_softcap(tokenizer, monkeypatch, n, softcap, products):
-    """Synthetic Gemma 3 layers (GQA, beta, sliding windows), both layouts, both decode paths, against
+def test_per_head_attention_sliding_window_and_softcap(tokenizer, monkeypatch, n, softcap, path):
+    """Synthetic Gemma 3 layers (GQA, beta, sliding windows), both layouts, every decode path, against
     a dense reference."""
-    monkeypatch.setattr(attention, "PRODUCTS_DECODE", products)
+    decode_path(monkeypatch, path)
+    products = path != "sdpa"
     decodes = [0]
     original = attention._per_head_decode
 
