@@ -28,6 +28,7 @@ from .decoding import Decoding, Options, Sampler, check_generation_args, collect
 from .engine import Engine
 from .errors import AgentMemError, BudgetError, PinRefused
 from .events import Archived, CompactionEvent, GenerationResult, ScoreResult, SessionStats, StreamEvent
+from .heap import release_freed_memory
 from .identity import model_identity
 from .kv.cache import CompactedCache
 from .kv.positions import PositionConfig
@@ -679,7 +680,8 @@ class Session:
         ``"recent"``, ``"context"``, ``"self-study"`` (what the session buffers is what it has).
         ``span=(a, b)``: compact only the entries of transcript tokens a..b-1 (a tool output, e.g.
         ``receipt.span``), to at most ``round(ratio * (b - a))`` per KV head; returns None when they
-        are already that few. Sinks and pinned ranges stay exact. Spare capacity is released afterwards.
+        are already that few. Sinks and pinned ranges stay exact. Spare capacity is released afterwards,
+        and so is the heap memory the compaction freed (glibc: :func:`agentmem.heap.release_freed_memory`).
         """
         if not isinstance(ratio, (int, float)) or isinstance(ratio, bool) or not 0 < ratio <= 1:
             raise ValueError(f"ratio must be a number in (0, 1] (got {ratio!r})")
@@ -699,7 +701,7 @@ class Session:
             if span is not None and all(r.target_entries >= r.span_entries for r in plan.requests):
                 return None
             plan.reason = reason
-            return self.engine.compact(
+            event = self.engine.compact(
                 self.cache,
                 plan,
                 planner.method,
@@ -708,6 +710,8 @@ class Session:
                 groups=planner.on_policy_groups,
                 planner=planner,
             )
+        release_freed_memory()  # the scratch pass, the scores and the old layers are freed: give back their pages
+        return event
 
     # ------------------------------------------------------------------ state
     def state(self) -> tuple[dict[str, torch.Tensor], dict]:

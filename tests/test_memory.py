@@ -190,3 +190,28 @@ def test_a_policy_switch_under_budget_covers_all_keeps_the_cache_in_its_new_shar
     assert s.engine.chunk_tokens <= s.cache.max_tokens() // 4
     s.generate(" the", max_new_tokens=20)
     check_invariants(s)
+
+
+def test_compact_gives_the_heap_it_freed_back_once_it_completes(llama, monkeypatch):
+    """compact() returns freed heap pages to the system after it commits (glibc's malloc_trim on
+    Linux), and not when it fails; the call itself runs here (Linux, glibc)."""
+    import sys
+
+    import agentmem.session as session_module
+    from agentmem.heap import release_freed_memory
+
+    if sys.platform.startswith("linux"):
+        assert release_freed_memory() is True
+    calls = []
+    monkeypatch.setattr(session_module, "release_freed_memory", lambda: calls.append(1) or True)
+    s = AgentSession(model=llama, max_kv_mb=None, policy=CONTEXT)
+    s.append(W * 20)
+    assert s.compact(0.5) is not None and calls == [1]
+
+    def boom(*args, **kwargs):
+        raise RuntimeError("injected")
+
+    monkeypatch.setattr(s.engine, "compact", boom)
+    with pytest.raises(RuntimeError, match="injected"):
+        s.compact(0.5)
+    assert calls == [1]

@@ -17,7 +17,6 @@ and ``"all"`` (and ``"kv"`` at the cache share ``"all"`` leaves), against an unb
 from __future__ import annotations
 
 import argparse
-import ctypes
 import json
 import os
 import subprocess
@@ -28,6 +27,7 @@ from pathlib import Path
 import torch
 
 from ..agent import AgentSession
+from ..heap import release_freed_memory
 from ..models import load_model
 from ..units import MiB
 from .common import environment, find_document, policy_of, write_report
@@ -49,10 +49,7 @@ def _status(field: str) -> int:
 def _reset_peak() -> bool:
     """Give freed heap back to the system (glibc) and reset VmHWM to the resident size (Linux), so
     that the next peak is what the next step adds; False where that is not possible."""
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
+    release_freed_memory()
     try:
         Path("/proc/self/clear_refs").write_text("5")
         return True
@@ -77,6 +74,7 @@ def offline_row(loaded, ids: list[int], cont: list[int], bound: float | None) ->
     event = s.compact(0.5)
     seconds = time.perf_counter() - t0
     peak = _status("VmHWM") - rss if measured else None
+    kept = _status("VmRSS") - rss  # what the process still holds once compact() has returned
     a, b = copy_span(len(ids))
     scored, copy = s.score(cont, return_logits=True), s.score(ids[a:b])
     st = s.stats
@@ -91,6 +89,7 @@ def offline_row(loaded, ids: list[int], cont: list[int], bound: float | None) ->
         "work_bytes": event.work_bytes,
         "undo_bytes": st.peak_undo_bytes,
         "rss_rise_bytes": peak,
+        "rss_after_bytes": kept,
         "prefill_seconds": prefill,
         "compact_seconds": seconds,
         "cost": seconds / prefill,
@@ -185,20 +184,22 @@ def to_markdown(data: dict, command: str) -> str:
         "the old buffers themselves, the edits writing new ones; on CUDA copies in host memory);",
         "RSS rise: the process's peak resident memory over its level right before the compaction (VmHWM after",
         "`malloc_trim`, a fresh process per row) with glibc's default allocator, and *live*: the same run with",
-        "`MALLOC_MMAP_THRESHOLD_=1048576` (large blocks returned at once: live memory, not fragmentation).",
+        "`MALLOC_MMAP_THRESHOLD_=1048576` (large blocks returned at once: live memory, not fragmentation);",
+        "RSS after: the resident memory right after `compact()` returned, over the same level (default allocator;",
+        "`compact()` gives freed heap back, `agentmem.heap.release_freed_memory`).",
         "Cost: compaction seconds / prefill seconds of the same session. KL: next-token distributions of",
         "the following tokens vs the uncompacted context; copy dNLL: reproducing an earlier passage.",
         "",
         "| context | KV MiB | bound | max work MiB | work MiB | undo MiB | RSS rise MiB | live RSS rise MiB "
-        "| cost (x prefill) | KL | copy dNLL |",
-        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| RSS after MiB | cost (x prefill) | KL | copy dNLL |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in data["offline"]:
         bound = "none" if r["bound"] is None else f"{r['bound']:g}x KV"
         out.append(
             f"| {r['context']} | {_mb(r['kv_bytes_before'])} | {bound} | {_mb(r['max_work_bytes'])} | "
             f"{_mb(r['work_bytes'])} | {_mb(r.get('undo_bytes'))} | {_mb(r['rss_rise_bytes'])} | "
-            f"{_mb(r.get('rss_live_rise_bytes'))} | {r['cost']:.2f} | "
+            f"{_mb(r.get('rss_live_rise_bytes'))} | {_mb(r.get('rss_after_bytes'))} | {r['cost']:.2f} | "
             f"{r['kl']:.4f} | "
             f"{r['copy_dnll']:+.3f} |"
         )
