@@ -25,7 +25,7 @@ from transformers import (
 
 from agentmem import AgentSession
 from agentmem.kv.cache import CompactedCache
-from agentmem.kv.layer import Block
+from agentmem.kv.layer import FIELDS, Block
 
 TEXT = (
     "The quick brown fox jumps over the lazy dog. A journey of a thousand miles begins with a single step. "
@@ -247,7 +247,7 @@ def subset(layer, h: int, slots: list[int], beta: torch.Tensor | None = None) ->
     """Entries ``slots`` of head h (as read_span copies), optionally with a new beta (len(slots),)."""
     full = layer.read_span(h, 0, layer.lengths[h])
     idx = torch.tensor(slots, dtype=torch.long)
-    block = Block(*(getattr(full, f)[idx] for f in ("keys", "values", "beta", "pos", "tok")))
+    block = Block(*(t[idx] for t in full.fields))
     if beta is not None:
         block.beta = beta.to(torch.float32)
     return block
@@ -277,7 +277,7 @@ def synthetic_cache(spec, tokens: int, max_bytes: int | None = None, seed: int =
 def layer_state(layer) -> list:
     """Capacities, lengths and a copy of every head's buffers of one cache layer."""
     return [layer.caps, list(layer.lengths)] + [
-        layer.head(name, h).clone() for h in range(layer.num_heads) for name in ("k", "v", "beta", "pos", "tok")
+        layer.head(name, h).clone() for h in range(layer.num_heads) for name in FIELDS
     ]
 
 

@@ -350,4 +350,4 @@ def _concat(parts: list[Block]) -> Block | None:
         return None
     if len(parts) == 1:
         return parts[0]
-    return Block(*(torch.cat([getattr(p, f) for p in parts]) for f in ("keys", "values", "beta", "pos", "tok")))
+    return Block(*(torch.cat(field) for field in zip(*(p.fields for p in parts))))

@@ -65,6 +65,10 @@ class Block:
         return sum(t.numel() * t.element_size() for t in self.fields)
 
 
+# per KV head: the spans to replace, as (start, end, block); block None deletes the span
+HeadSpans = Sequence[tuple[int, int, Block | None]]
+
+
 class CacheLayer:
     """One decoder layer's storage. Not a transformers ``CacheLayerMixin``: CompactedCache dispatches."""
 
@@ -418,14 +422,14 @@ class CacheLayer:
             self._clear(h, new_len, length)
         self.lengths[h] = new_len
 
-    def lengths_after(self, per_head: Sequence[Sequence[tuple[int, int, Block | None]]]) -> list[int]:
+    def lengths_after(self, per_head: Sequence[HeadSpans]) -> list[int]:
         """Each head's length once its spans ``(start, end, block)`` are replaced (None deletes)."""
         return [
             n - sum(e - s for s, e, _ in spans) + sum(len(b) for _, _, b in spans if b is not None)
             for n, spans in zip(self.lengths, per_head)
         ]
 
-    def rebuild(self, per_head: Sequence[Sequence[tuple[int, int, Block | None]]], caps: Sequence[int]) -> tuple:
+    def rebuild(self, per_head: Sequence[HeadSpans], caps: Sequence[int]) -> tuple:
         """Replace spans of every head (non-overlapping ``(start, end, block)`` per head, None deletes)
         like :meth:`write_head`, but into new buffers of capacities ``caps``: the old buffers are
         left as they were and returned as a :meth:`snapshot` -- not a copy -- for an undo to adopt."""

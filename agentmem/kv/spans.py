@@ -8,10 +8,7 @@ from collections.abc import Sequence
 import torch
 
 from ..errors import CompactionError
-from .layer import Block, CacheLayer, round_up
-
-# per KV head: the spans to replace, as (start, end, block); block None deletes the span
-HeadSpans = Sequence[tuple[int, int, "Block | None"]]
+from .layer import CacheLayer, HeadSpans, round_up
 
 
 def released_caps(lengths: Sequence[int], caps: Sequence[int], spare: int, uneven_only: bool) -> list[int]:

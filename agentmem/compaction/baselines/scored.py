@@ -15,7 +15,7 @@ import torch
 
 from ...errors import CompactionError
 from ...kv.cache import CompactedCache
-from ...kv.layer import Block
+from ...kv.layer import FIELDS, Block
 from ..plan import Replacement, SpanRequest
 from ..queries import QuerySet
 
@@ -61,7 +61,7 @@ def evict(
             ranked = scores[start:split]
             chosen = torch.topk(ranked, top).indices + start if top else ranked.new_zeros(0, dtype=torch.long)
             slots = torch.cat([chosen.sort().values, torch.arange(split, end, device=chosen.device)])
-            block = Block(*(layer.head(f, h)[slots] for f in ("k", "v", "beta", "pos", "tok")))
+            block = Block(*(layer.head(f, h)[slots] for f in FIELDS))
             head_out.append((start, end, block))
         out.append(head_out)
     return out
